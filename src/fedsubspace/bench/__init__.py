@@ -1,0 +1,1 @@
+"""Benchmarks that back the numbers in docs/performance.md."""

