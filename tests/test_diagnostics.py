@@ -40,7 +40,9 @@ def test_diagnostics_match_dense_definitions(method, seed):
     def cos(a, b):
         return float(a @ b / (a.norm() * b.norm()))
 
-    assert d["cancellation_ratio"] == pytest.approx(float(average.norm()) / sum(w * float(f.norm()) for w, f in zip(p, flat)))
+    assert d["cancellation_ratio"] == pytest.approx(
+        float(average.norm()) / sum(w * float(f.norm()) for w, f in zip(p, flat))
+    )
     assert d["client_global_cosine"] == pytest.approx(sum(cos(f, average) for f in flat) / len(flat))
     pairs = [cos(flat[i], flat[j]) for i in range(3) for j in range(i + 1, 3)]
     assert d["pairwise_client_cosine"] == pytest.approx(sum(pairs) / len(pairs))
@@ -59,7 +61,7 @@ def test_diagnostics_match_dense_definitions(method, seed):
 
 
 def test_exact_rule_has_zero_aggregation_error_and_identical_clients_no_cancellation():
-    state, updates, p = make_round(12, 9, 2, 1, seed=4)
+    state, updates, _ = make_round(12, 9, 2, 1, seed=4)
     twins = [updates[0], updates[0]]
     new = get_method("svd", MethodOptions(preserve_norm=False)).aggregate(state, twins, [0.5, 0.5])
     d = round_diagnostics(twins, [0.5, 0.5], new)

@@ -103,10 +103,14 @@ def test_norm_clip_and_preserve(method):
     exact = {module: dense_average(updates, p, module, s) for module in state.factors}
     preserved = get_method(method, MethodOptions(preserve_norm=True)).aggregate(state, updates, p)
     for module, (B, A) in preserved.factors.items():  # truncation loses energy; the rescale restores it
-        assert abs(float((s * B @ A).norm()) - float(exact[module].norm())) < 1e-8 * float(exact[module].norm())
+        assert abs(float((s * B @ A).norm()) - float(exact[module].norm())) < 1e-8 * float(
+            exact[module].norm()
+        )
         oracle = best_rank(exact[module], 2)
         torch.testing.assert_close((s * B @ A) * oracle.norm() / (s * B @ A).norm(), oracle)
-    clipped = get_method(method, MethodOptions(max_update_norm=0.5, preserve_norm=True)).aggregate(state, updates, p)
+    clipped = get_method(method, MethodOptions(max_update_norm=0.5, preserve_norm=True)).aggregate(
+        state, updates, p
+    )
     for B, A in clipped.factors.values():
         assert abs(float((s * B @ A).norm()) - 0.5) < 1e-10
 
@@ -132,7 +136,7 @@ def test_fedsvd_refactorises_the_averaged_B_against_the_shared_A(m, n, r, client
 
 
 def test_fedavg_uplink_sends_both_factors_and_the_head():
-    state, updates, _ = make_round(6, 5, 2, 2, seed=0)
+    _, updates, _ = make_round(6, 5, 2, 2, seed=0)
     upload = get_method("fedavg", MethodOptions()).uplink(updates[0])
     assert sum(k.startswith("lora_A/") for k in upload) == 2
     assert sum(k.startswith("lora_B/") for k in upload) == 2
@@ -153,7 +157,10 @@ def dense_regulariser(params, state: GlobalState, o: MethodOptions) -> torch.Ten
 def test_subspace_regulariser_matches_the_dense_form_in_value_and_gradient(seed):
     state, updates, _ = make_round(14, 11, 3, 1, seed=seed)
     options = MethodOptions(mu=0.3, alpha=0.2, lambda_reg=0.1)
-    params = {k: (B.clone().requires_grad_(), A.clone().requires_grad_()) for k, (B, A) in updates[0].factors.items()}
+    params = {
+        k: (B.clone().requires_grad_(), A.clone().requires_grad_())
+        for k, (B, A) in updates[0].factors.items()
+    }
     factored = SubspaceRegularizer(state, options)(params)
     grads = torch.autograd.grad(factored, [t for pair in params.values() for t in pair])
     dense = dense_regulariser(params, state, options)
@@ -166,7 +173,9 @@ def test_subspace_regulariser_matches_the_dense_form_in_value_and_gradient(seed)
 def test_subspace_regulariser_is_zero_at_the_global_state_without_decay():
     state, _, _ = make_round(8, 6, 2, 1, seed=9)
     reg = SubspaceRegularizer(state, MethodOptions(lambda_reg=0.0))
-    assert abs(float(reg(state.factors))) < 1e-9 * float(sum(B.square().sum() for B, _ in state.factors.values()))
+    assert abs(float(reg(state.factors))) < 1e-9 * float(
+        sum(B.square().sum() for B, _ in state.factors.values())
+    )
 
 
 def test_every_registered_method_has_a_distinct_name():

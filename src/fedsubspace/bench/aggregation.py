@@ -15,6 +15,7 @@ dense route it is also close to the peak, since T, its LAPACK copy, U, Vh and th
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -182,6 +183,8 @@ def run_aggregation_bench(
                     "sv_ratio": sv_ratio,
                     "dense_peak_bytes": dense_peak_bytes(size, size, r, k, itemsize),
                     "factored_peak_bytes": factored_peak_bytes(size, size, r, k, itemsize),
+                    # Other processes on the machine slow both routes, the dense one by far the most.
+                    "load_avg": os.getloadavg()[0],
                 }
             )
             bar.update()
@@ -203,6 +206,7 @@ _COLUMNS = (
     ("sv_ratio", "s_r+1 / s_r", "{:.3f}"),
     ("dense_peak_bytes", "dense peak MiB (est.)", "{:.1f}"),
     ("factored_peak_bytes", "factored peak MiB (est.)", "{:.2f}"),
+    ("load_avg", "load avg (1 min)", "{:.1f}"),
 )
 
 

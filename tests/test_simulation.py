@@ -1,0 +1,137 @@
+"""End to end: the in-process runner on the tiny presets, the results directory, and user mistakes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsubspace import client as client_module
+from fedsubspace import simulation
+from fedsubspace.cli import main
+from fedsubspace.config import ExperimentConfig, load_config
+from fedsubspace.results import read_metrics
+from fedsubspace.state import load_state
+
+ROOT = Path(__file__).resolve().parents[1]
+METRIC_KEYS = {
+    "round", "selected_clients", "train_loss", "eval_loss", "eval_accuracy", "basis_overlap",
+    "cancellation_ratio", "client_global_cosine", "pairwise_client_cosine", "update_norm",
+    "aggregated_update_norm", "aggregation_error", "update_overlap", "bytes_up", "bytes_down",
+    "seconds", "train_seconds", "aggregate_seconds", "eval_seconds",
+}  # fmt: skip
+
+
+FIXTURE = ROOT / "tests" / "fixtures" / "hellaswag"
+
+
+def tiny(preset: str, method: str, seed: int | None = None) -> ExperimentConfig:
+    # configs name the fixture relative to the repository root; tests may run from anywhere
+    return load_config(ROOT / "configs" / f"{preset}.yaml", [f"dataset={FIXTURE}"], method=method, seed=seed)
+
+
+@pytest.mark.parametrize("preset", ["tiny-encoder", "tiny-causal"])
+@pytest.mark.parametrize("method", ["fedavg", "svd", "fedsvd", "subspace_reg"])
+def test_two_rounds_end_to_end(tmp_path, preset, method):
+    config = tiny(preset, method)
+    summary = simulation.run(config, tmp_path, progress=False)
+    rows = read_metrics(tmp_path)
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert METRIC_KEYS <= set(row)
+        assert 0.0 <= row["eval_accuracy"] <= 1.0 and math.isfinite(row["eval_loss"])
+        assert 0.0 <= row["basis_overlap"] <= 1.0 + 1e-9
+        assert row["bytes_up"] > 0 and row["bytes_down"] > 0
+        assert len(row["selected_clients"]) == round(config.client_fraction * config.num_clients)
+    for key in ("initial_eval_accuracy", "initial_eval_loss", "best_eval_accuracy", "final_eval_accuracy",
+                "final_eval_loss", "best_round", "final_diagnostics"):  # fmt: skip
+        assert key in summary
+    assert (
+        json.loads((tmp_path / "summary.json").read_text())["final_eval_accuracy"]
+        == rows[-1]["eval_accuracy"]
+    )
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "partition_stats.json").exists()
+    state = load_state(tmp_path / "checkpoints" / "last.safetensors")
+    assert (tmp_path / "checkpoints" / "best.safetensors").exists()
+    B, A = next(iter(state.factors.values()))
+    assert B.shape[1] == A.shape[0] == config.lora_rank
+    if method == "subspace_reg":  # the server hands out an orthonormal reference basis
+        torch.testing.assert_close(B.T @ B, torch.eye(B.shape[1]), atol=1e-5, rtol=0)
+    if method == "fedsvd":  # ... or orthonormal rows of A
+        torch.testing.assert_close(A @ A.T, torch.eye(A.shape[0]), atol=1e-5, rtol=0)
+        # clients upload B only: half the factor bytes of fedavg-style methods (plus the head)
+        assert rows[0]["bytes_up"] < rows[0]["bytes_down"]
+
+
+def test_a_run_is_a_function_of_its_config_and_seed(tmp_path):
+    config = tiny("tiny-encoder", "subspace_reg")
+    simulation.run(config, tmp_path / "a", progress=False)
+    simulation.run(config, tmp_path / "b", progress=False)
+    timing = {"seconds", "train_seconds", "aggregate_seconds", "diagnostics_seconds", "eval_seconds"}
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
+    simulation.run(tiny("tiny-encoder", "subspace_reg", seed=7), tmp_path / "c", progress=False)
+    assert strip(read_metrics(tmp_path / "a")) != strip(read_metrics(tmp_path / "c"))
+
+
+def test_a_client_with_nan_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    real = client_module.train_client
+
+    def poisoned(*args, **kwargs):
+        update = real(*args, **kwargs)
+        if kwargs["client_id"] == update_victim:
+            B, _ = next(iter(update.factors.values()))
+            B[0, 0] = float("nan")
+        return update
+
+    config = tiny("tiny-encoder", "svd")
+    from fedsubspace.experiment import sample_clients
+
+    update_victim = sample_clients(config.seed, 1, config.num_clients, config.client_fraction)[0]
+    monkeypatch.setattr(simulation, "train_client", poisoned)
+    simulation.run(config, tmp_path, progress=False)
+    rows = read_metrics(tmp_path)
+    assert update_victim in rows[0]["skipped_clients"]
+    assert all(math.isfinite(r["eval_loss"]) for r in rows)
+    assert f"client {update_victim} sent non-finite values" in capsys.readouterr().out
+
+
+def test_cli_run_refuses_to_overwrite_a_finished_run(tmp_path, capsys):
+    config = str(ROOT / "configs/tiny-encoder.yaml")
+    args = ["run", "--config", config, "--out", str(tmp_path / "r"), "--quiet",
+            "--set", f"dataset={FIXTURE}", "--set", "num_rounds=1"]  # fmt: skip
+    assert main(args) == 0
+    assert "done: subspace_reg" in capsys.readouterr().out
+    assert main(args) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--set", "num_round=3"], "unknown config key 'num_round' (did you mean 'num_rounds'?)"),
+        (["--set", "client_fraction=1.5"], "client_fraction must be in (0, 1]"),
+        (["--set", "learning_rate=fast"], "config key 'learning_rate' must be float"),
+        (["--set", "model=no-such-preset"], "unknown model 'no-such-preset'"),
+        (["--set", "load_in_4bit=true", "--set", "device=cpu"], "load_in_4bit"),
+        (["--set", "dataset=/nonexistent/data"], "/nonexistent/data"),
+        (["--set", "num_clients=200", "--set", "partition=iid"], "client"),
+    ],
+)
+def test_user_mistakes_get_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    code = main(["run", "--config", str(ROOT / "configs/tiny-encoder.yaml"), "--out", str(tmp_path / "x"),
+                 "--set", f"dataset={FIXTURE}", "--quiet", *argv])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_missing_config_file_is_a_user_error(capsys):
+    assert main(["run", "--config", "/nonexistent.yaml"]) == 2
+    assert "config file not found" in capsys.readouterr().err
