@@ -610,6 +610,78 @@ def test_consensus_basis_with_empty_bases() -> None:
 @HYPOTHESIS
 @given(
     m=st.integers(1, 10),
+    ranks=st.lists(st.integers(0, 5), min_size=1, max_size=4),
+    angle=st.floats(5.0, 180.0),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_joint_subspace_keeps_the_eigenvectors_above_the_angle_rule(
+    m: int, ranks: list[int], angle: float, seed: int
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    bases = random_bases(gen, m, ranks, F64)
+    weights = torch.rand(len(bases), generator=gen, dtype=F64) + 0.1
+    weights = (weights / weights.sum()).tolist()
+    phi, eig = lowrank.joint_subspace(bases, weights, angle)
+    dense_eig = torch.linalg.eigvalsh(sum(p * projector(Q) for p, Q in zip(weights, bases, strict=True)))
+    threshold = math.cos(math.radians(angle) / 2) ** 2
+    # eigenvalues within rounding of the threshold may fall either way
+    expected = dense_eig[(dense_eig - threshold).abs() > 1e-9]
+    assert phi.shape == (m, eig.shape[0])
+    assert eig.shape[0] in (int((expected >= threshold).sum()), int((dense_eig >= threshold).sum()))
+    assert_orthonormal_columns(phi, 1e-10)
+
+
+def test_joint_subspace_two_subspaces_is_the_ajive_angle_rule() -> None:
+    # two planes in R^3 meeting at 50 degrees share one line: kept at 60 degrees, and the bisector
+    # of the other pair of directions (at 50 degrees) too; at 40 degrees only the shared line is.
+    e = torch.eye(3, dtype=F64)
+    theta = math.radians(50)
+    tilted = torch.stack([e[0], math.cos(theta) * e[1] + math.sin(theta) * e[2]], dim=-1)
+    bases = [e[:, :2], tilted]
+    phi60, eig60 = lowrank.joint_subspace(bases, [0.5, 0.5], 60.0)
+    phi40, _ = lowrank.joint_subspace(bases, [0.5, 0.5], 40.0)
+    assert phi60.shape[1] == 2 and phi40.shape[1] == 1
+    torch.testing.assert_close(eig60[1], torch.tensor(math.cos(theta / 2) ** 2, dtype=F64))
+    torch.testing.assert_close(projector(phi40), projector(e[:, :1]))
+    with pytest.raises(ValueError, match="max_angle_degrees"):
+        lowrank.joint_subspace(bases, [0.5, 0.5], 0.0)
+
+
+@pytest.mark.parametrize("clients", [3, 6])
+def test_joint_subspace_recovers_a_planted_shared_subspace_among_client_noise(clients: int) -> None:
+    gen = torch.Generator().manual_seed(clients)
+    n, shared_dim, private_dim = 40, 2, 3
+    shared = lowrank.orthonormal_basis(torch.randn(n, shared_dim, generator=gen, dtype=F64))
+    bases = []
+    for _ in range(clients):
+        # each client's subspace: the shared one slightly perturbed, plus its own random directions
+        signal = shared + 0.01 * torch.randn(n, shared_dim, generator=gen, dtype=F64)
+        private = torch.randn(n, private_dim, generator=gen, dtype=F64)
+        bases.append(lowrank.orthonormal_basis(torch.cat([signal, private], dim=-1)))
+    weights = [1.0 / clients] * clients
+    phi, eig = lowrank.joint_subspace(bases, weights, 60.0)
+    assert phi.shape == (n, shared_dim)
+    assert torch.all(eig > 0.9)
+    angles = lowrank.principal_angles(phi, shared)
+    assert float(angles.max()) < math.radians(5)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 5, 7])
+def test_resize_rank_truncates_or_pads_with_the_scale_on_B(rank: int) -> None:
+    gen = torch.Generator().manual_seed(rank)
+    B = torch.randn(6, 5, generator=gen, dtype=F64)
+    A = torch.randn(5, 4, generator=gen, dtype=F64)
+    B2, A2 = lowrank.resize_rank(B, A, rank, left_scale=2.5)
+    assert B2.shape == (6, rank) and A2.shape == (rank, 4)
+    kept = min(rank, 5)
+    torch.testing.assert_close(B2 @ A2, 2.5 * B[:, :kept] @ A[:kept])
+    torch.testing.assert_close(A2[:kept], A[:kept])  # A keeps its initialisation's range
+    assert not B2[:, kept:].any() and not A2[kept:].any()
+
+
+@HYPOTHESIS
+@given(
+    m=st.integers(1, 10),
     k1=st.integers(1, 6),
     k2=st.integers(1, 6),
     seed=st.integers(0, 2**32 - 1),
