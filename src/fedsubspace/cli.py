@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from fedsubspace.errors import UserError
+
+# Before torch is imported: spinning OpenMP waits starve each other whenever the cores are shared.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def default_out(model: str, method: str, seed: int) -> Path:

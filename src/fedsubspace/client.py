@@ -1,46 +1,128 @@
 """One client's local round: start from the global state, train with the method's rules, report back.
 
-Reads top to bottom like a training recipe: copy the global adapter in, pick what trains, a fresh
-AdamW, ``max_local_steps`` forward/backward passes with gradient accumulation (the method's extra loss
-term is added once per optimiser step: its gradient does not depend on the micro-batch), gradient
-clipping, and the final adapter copied out. Data order and dropout draw from generators seeded by
-(seed, round, client), so the result does not depend on which engine or process runs the client.
+Reads top to bottom like a training recipe: activate the adapter of the client's rank, copy in what the
+method says the client starts from (and the merged base weights), let the method pick what trains and
+with which optimisers, ``max_local_steps`` forward/backward passes with gradient accumulation (the
+method's extra loss term is added once per optimiser step: its gradient does not depend on the
+micro-batch), gradient clipping, and the result copied out for the method to report. Data order and
+dropout draw from generators seeded by (seed, round, client), so the result does not depend on which
+engine or process runs the client.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedsubspace.methods import Method
+from fedsubspace.methods import ClientContext, LiveParameters, LocalSchedule, Method
 from fedsubspace.scoring import Encoded, choice_scores, collate
+from fedsubspace.seeding import DATA_ORDER, DROPOUT, stream_seed
 from fedsubspace.state import ClientUpdate, GlobalState
 
 Tensor = torch.Tensor
 
+__all__ = ["Adapter", "LocalSchedule", "TrainableModel", "example_stream", "stream_seed", "train_client"]
+
 
 @dataclass
-class TrainableModel:
-    """A model with its adapter parameters mapped once: module -> (B, A) and head name -> tensor."""
+class Adapter:
+    """One PEFT adapter (one LoRA rank), its parameters mapped once: module -> (B, A), head name -> tensor."""
 
-    model: nn.Module
-    kind: str
+    name: str
+    rank: int
+    scaling: float
     factors: dict[str, tuple[nn.Parameter, nn.Parameter]]
     head: dict[str, nn.Parameter]
-    device: torch.device
 
-    def load(self, state: GlobalState) -> None:
+
+class TrainableModel:
+    """A model with one adapter per client rank, and the frozen weights of the adapted modules.
+
+    ``select`` switches the model's active adapter by name (PEFT's ``set_adapter``). With
+    ``keep_pristine`` a copy of the adapted modules' original weights W0 is kept, so that the base
+    weights can always be set to exactly ``W0 + residual`` (methods that merge into the base) and reset
+    after a client trained them (fedgalore).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kind: str,
+        adapters: Mapping[int, Adapter],
+        base: Mapping[str, nn.Parameter],
+        device: torch.device,
+        select: Callable[[str], None],
+        *,
+        global_rank: int,
+        keep_pristine: bool = False,
+    ) -> None:
+        self.model, self.kind, self.device = model, kind, device
+        self.adapters, self.base = dict(adapters), dict(base)
+        self.global_rank = global_rank
+        self._select = select
+        self.active = global_rank
+        self.pristine = {n: w.detach().clone() for n, w in self.base.items()} if keep_pristine else None
+
+    @property
+    def adapter(self) -> Adapter:
+        return self.adapters[self.active]
+
+    @property
+    def factors(self) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
+        return self.adapter.factors
+
+    @property
+    def head(self) -> dict[str, nn.Parameter]:
+        return self.adapter.head
+
+    def activate(self, rank: int) -> Adapter:
+        if rank != self.active:
+            self._select(self.adapters[rank].name)
+            self.active = rank
+        return self.adapter
+
+    def load_weights(
+        self,
+        factors: Mapping[str, tuple[Tensor, Tensor]],
+        head: Mapping[str, Tensor],
+        residual: Mapping[str, Tensor],
+    ) -> None:
+        """Copy an adapter and head into the active adapter, and ``W0 + residual`` into the base."""
+        if residual and self.pristine is None:
+            raise RuntimeError("a state with a merged residual needs TrainableModel(keep_pristine=True)")
         with torch.no_grad():
             for name, (B, A) in self.factors.items():
-                B_g, A_g = state.factors[name]
+                B_g, A_g = factors[name]
                 B.copy_(B_g)
                 A.copy_(A_g)
             for name, param in self.head.items():
-                param.copy_(state.head[name])
+                param.copy_(head[name])
+            if self.pristine is not None:
+                for name, weight in self.base.items():
+                    delta = residual.get(name)
+                    weight.copy_(
+                        self.pristine[name] if delta is None else self.pristine[name] + delta.to(weight)
+                    )
+
+    def load(self, state: GlobalState) -> None:
+        """The global model: the adapter of the state's rank, its head and the merged base weights."""
+        self.activate(state.rank)
+        self.load_weights(state.factors, state.head, state.residual)
+
+    def freeze(self) -> None:
+        """Nothing trains until the method's plan says so (PEFT marks an activated adapter trainable)."""
+        for B, A in self.factors.values():
+            B.requires_grad_(False)
+            A.requires_grad_(False)
+        for param in [*self.head.values(), *self.base.values()]:
+            param.requires_grad_(False)
+
+    def live(self) -> LiveParameters:
+        return LiveParameters(factors=self.factors, head=self.head, base=self.base)
 
     def snapshot(self) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
         factors = {
@@ -49,21 +131,6 @@ class TrainableModel:
         }
         head = {name: p.detach().cpu().clone() for name, p in self.head.items()}
         return factors, head
-
-
-@dataclass(frozen=True)
-class LocalSchedule:
-    max_local_steps: int
-    batch_size: int
-    gradient_accumulation_steps: int
-    learning_rate: float
-    weight_decay: float
-    max_grad_norm: float | None
-
-
-def stream_seed(*parts: int) -> int:
-    """A 63-bit seed for one purpose, round and client: independent streams from one run seed."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 def example_stream(indices: list[int], rng: np.random.Generator) -> Iterator[int]:
@@ -83,22 +150,29 @@ def train_client(
     seed: int,
     round_index: int,
     client_id: int,
+    rank: int | None = None,
+    memory: dict[str, Tensor] | None = None,
 ) -> ClientUpdate:
-    tm.load(state)
-    trainable: list[nn.Parameter] = list(tm.head.values())
-    for B, A in tm.factors.values():
-        B.requires_grad_("B" in method.trains)
-        A.requires_grad_("A" in method.trains)
-        trainable += [p for p in (B, A) if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=schedule.learning_rate, weight_decay=schedule.weight_decay)
-    regularizer = method.client_regularizer(state)
-    order = example_stream(indices, np.random.default_rng(stream_seed(seed, 1, round_index, client_id)))
-    torch.manual_seed(stream_seed(seed, 2, round_index, client_id))  # dropout
+    """One local round. ``rank`` is the client's LoRA rank (default: the global one); ``memory`` the
+    tensors it keeps privately between its rounds (default: none kept)."""
+    adapter = tm.activate(state.rank if rank is None else rank)
+    ctx = ClientContext(
+        client_id, round_index, adapter.rank, adapter.scaling, {} if memory is None else memory
+    )
+    start = method.client_start(state, ctx)
+    tm.load_weights(start.factors, start.head, state.residual)
+    tm.freeze()
+    plan = method.local_plan(state, ctx, tm.live(), schedule)
+    order = example_stream(
+        indices, np.random.default_rng(stream_seed(seed, DATA_ORDER, round_index, client_id))
+    )
+    torch.manual_seed(stream_seed(seed, DROPOUT, round_index, client_id))
     tm.model.train()
 
     steps, window = schedule.max_local_steps, schedule.gradient_accumulation_steps
     losses: list[float] = []
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in plan.optimizers:
+        optimizer.zero_grad(set_to_none=True)
     for step in range(steps):
         window_start = step - step % window
         window_size = min(window, steps - window_start)  # the last window may be shorter
@@ -108,18 +182,23 @@ def train_client(
         (loss / window_size).backward()
         losses.append(loss.item())
         if step + 1 == window_start + window_size:
-            if regularizer is not None:
-                regularizer(tm.factors).backward()
+            if plan.regularizer is not None:
+                plan.regularizer(tm.factors).backward()
             if schedule.max_grad_norm is not None:
-                nn.utils.clip_grad_norm_(trainable, schedule.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                nn.utils.clip_grad_norm_(plan.parameters, schedule.max_grad_norm)
+            for optimizer in plan.optimizers:
+                optimizer.step()
+            for optimizer in plan.optimizers:
+                optimizer.zero_grad(set_to_none=True)
 
     factors, head = tm.snapshot()
-    return ClientUpdate(
+    update = ClientUpdate(
         client_id=client_id,
         num_examples=len(indices),
         factors=factors,
         head=head,
         train_loss=float(np.mean(losses)),
+        scaling=adapter.scaling,
+        trained=plan.trains,
     )
+    return plan.finish(update) if plan.finish is not None else update

@@ -35,6 +35,9 @@ class ExperimentConfig:
     device: str = "auto"
     load_in_4bit: bool = False
     lora_rank: int = 8
+    # Each client's own LoRA rank: a list (one per client) or "cycle(4,8,16)"; overrides lora_rank.
+    # Only methods that serve mixed ranks accept different ones; the global model has the largest.
+    client_ranks: list[int] | str | None = None
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     max_length: int = 256
@@ -69,6 +72,11 @@ class ExperimentConfig:
     lambda_reg: float = 1e-5
     max_update_norm: float | None = None
     preserve_norm: bool = True
+    fedrot_lam: float = 1.0  # 0 = fedavg, 1 = hard alignment
+    fedrot_align: str = "alternate"  # alternate | A | B
+    glora_server_rank: int | str | None = None  # null: the largest client rank; "union": exact
+    fedgalore_angle_threshold: float = 60.0  # degrees, joint-subspace extraction of second moments
+    holdout_fraction: float = 0.2  # personalised methods (fedsa): share of each partition held out
     # free-form label carried into results (e.g. the name of the paper setup)
     tags: list[str] = field(default_factory=list)
 
@@ -96,8 +104,10 @@ def _coerce(key: str, value: Any) -> Any:
             return value
         if origin in (str, bool) and isinstance(value, origin):
             return value
-        if origin is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
+        if origin is list and isinstance(value, list):
+            (item,) = typing.get_args(kind)
+            if all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+                return list(value)
     names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed if k is not type(None))
     raise UserError(f"config key {key!r} must be {names}, got {value!r}")
 
@@ -147,6 +157,33 @@ def load_config(path: Path | None, overrides: list[str] | None = None, **explici
     return build_config(values)
 
 
+_CYCLE = re.compile(r"cycle\(\s*(\d+(?:\s*,\s*\d+)*)\s*\)")
+
+
+def client_ranks(c: ExperimentConfig) -> list[int]:
+    """Every client's LoRA rank: ``client_ranks`` resolved (a list, or a ``cycle(r1,r2,...)`` rule
+    giving client i the rank ``r_(i mod len)``), or ``lora_rank`` for all."""
+    if c.client_ranks is None:
+        return [c.lora_rank] * c.num_clients
+    if isinstance(c.client_ranks, str):
+        match = _CYCLE.fullmatch(c.client_ranks.strip())
+        _require(
+            match is not None,
+            f"client_ranks must list one rank per client or be cycle(r1,r2,...), got {c.client_ranks!r}",
+        )
+        assert match is not None
+        cycle = [int(r) for r in match.group(1).split(",")]
+        ranks = [cycle[i % len(cycle)] for i in range(c.num_clients)]
+    else:
+        _require(
+            len(c.client_ranks) == c.num_clients,
+            f"client_ranks lists {len(c.client_ranks)} ranks but num_clients is {c.num_clients}",
+        )
+        ranks = list(c.client_ranks)
+    _require(all(r >= 1 for r in ranks), "client_ranks must all be at least 1")
+    return ranks
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise UserError(message)
@@ -154,10 +191,22 @@ def _require(condition: bool, message: str) -> None:
 
 def validate(c: ExperimentConfig) -> None:
     """Every check that can fail before any work starts."""
-    from fedsubspace.methods import METHODS
+    from fedsubspace.methods import METHODS, heterogeneous_methods
     from fedsubspace.models import PRESETS, validate_quantization
 
     _require(c.method in METHODS, f"unknown method {c.method!r}; choose one of: {', '.join(sorted(METHODS))}")
+    _require(0.0 <= c.fedrot_lam <= 1.0, "fedrot_lam must be in [0, 1]")
+    _require(c.fedrot_align in ("alternate", "A", "B"), "fedrot_align must be alternate, A or B")
+    _require(
+        c.glora_server_rank is None
+        or c.glora_server_rank == "union"
+        or (isinstance(c.glora_server_rank, int) and c.glora_server_rank >= 1),
+        "glora_server_rank must be a positive integer, union, or null (the largest client rank)",
+    )
+    _require(
+        0.0 < c.fedgalore_angle_threshold <= 90.0, "fedgalore_angle_threshold must be in (0, 90] degrees"
+    )
+    _require(0.0 < c.holdout_fraction < 1.0, "holdout_fraction must be in (0, 1)")
     looks_like_path_or_id = "/" in c.model or Path(c.model).expanduser().exists()
     _require(
         c.model in PRESETS or looks_like_path_or_id,
@@ -176,6 +225,12 @@ def validate(c: ExperimentConfig) -> None:
         _require(getattr(c, key) >= 1, f"{key} must be at least 1")
     for key in ("gradient_accumulation_steps", "eval_batch_size", "min_partition_size"):
         _require(getattr(c, key) >= 1, f"{key} must be at least 1")
+    ranks = client_ranks(c)
+    _require(
+        len(set(ranks)) == 1 or METHODS[c.method].heterogeneous_ranks,
+        f"method {c.method!r} cannot serve mixed client_ranks; methods that can: "
+        f"{', '.join(heterogeneous_methods())}",
+    )
     for key in ("lora_alpha", "learning_rate", "dirichlet_alpha"):
         _require(getattr(c, key) > 0, f"{key} must be positive")
     for key in ("mu", "alpha", "lambda_reg", "weight_decay"):

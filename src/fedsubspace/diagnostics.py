@@ -4,6 +4,14 @@ Names follow the Subspace-Reg paper (basis_overlap, cancellation_ratio, client_g
 pairwise_client_cosine, update_norm, aggregated_update_norm) plus aggregation_error, principal_angles
 and update_overlap (methods.md). All of them come from per-module Gram matrices and thin bases of the
 factors, in float64, without forming any m x n update.
+
+Client i's update is ``s_i B_i A_i`` with its own scaling (clients of different ranks differ). The
+global update it is compared with is the new global model minus the base the round started from
+(:meth:`GlobalState.round_update`): the adapter product, plus this round's merge into the frozen
+weights for fedex, flora and fedgalore. ``basis_overlap`` and ``principal_angles`` compare with the
+global adapter's B as the paper defines them (overlap over the smaller rank); they are NaN where the
+global adapter is zero by design (flora, fedgalore and fedsa keep B = 0), where ``update_overlap``,
+which uses the global update's column space, still applies.
 """
 
 from __future__ import annotations
@@ -31,15 +39,16 @@ def round_diagnostics(
     error_sq = 0.0  # ||dW_new - sum_i p_i dW_i||^2, from the stacked difference (no cancellation)
     new_sq = torch.zeros((), dtype=torch.float64)
     overlaps, update_overlaps, angles = [], [], []
-    for module, (B_new, A_new) in new_state.factors.items():
-        lefts = [s * u.factors[module][0].double() for u in updates]
-        rights = [u.factors[module][1].double() for u in updates]
-        new_left, new_right = s * B_new.double(), A_new.double()
+    for module, (B_new, _) in new_state.factors.items():
+        products = [u.product(module, s, torch.float64) for u in updates]
+        lefts = [left for left, _ in products]
+        rights = [right for _, right in products]
+        new_left, new_right = new_state.round_update(module, torch.float64)
         gram += lowrank.gram_matrix(lefts, rights)
         new_sq += lowrank.frobenius_inner(new_left, new_right, new_left, new_right)
         diff_left, diff_right = lowrank.stack_weighted([new_left, *lefts], [new_right, *rights], [1.0, *(-p)])
         error_sq += float(lowrank.product_norm(diff_left, diff_right)) ** 2
-        global_basis = lowrank.orthonormal_basis(new_left)
+        global_basis = lowrank.orthonormal_basis(B_new.double())
         global_product_basis = lowrank.product_basis(new_left, new_right)
         for left, right in zip(lefts, rights, strict=True):
             client_basis = lowrank.orthonormal_basis(left)

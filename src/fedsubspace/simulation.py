@@ -1,8 +1,13 @@
 """The in-process federation, the default runner: every round reads top to bottom.
 
-sample clients -> each trains from the global state -> the method aggregates -> diagnostics ->
-evaluate the new global model -> one metrics line and a checkpoint. A client whose update holds NaN or
-Inf is reported and left out of the round; the run goes on.
+sample clients -> each receives what it needs and trains from the global state -> the method
+aggregates -> diagnostics -> evaluate the new global model (or, for personalised methods, every
+client's own model on its held-out data) -> one metrics line and a checkpoint. A client whose update
+holds NaN or Inf is reported and left out of the round; the run goes on.
+
+Clients keep private tensors between their rounds in ``memories`` (fedsa's B and head, fedgalore's
+projector and second moment); the server never reads them. ``bytes_down`` counts, per sampled client,
+the method's downlink plus the merged base-weight increments the client missed (a :class:`MergeLedger`).
 """
 
 from __future__ import annotations
@@ -11,16 +16,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from fedsubspace.client import train_client
 from fedsubspace.config import ExperimentConfig
 from fedsubspace.diagnostics import round_diagnostics
-from fedsubspace.experiment import local_schedule, method_options, prepare, sample_clients
-from fedsubspace.methods import get_method
+from fedsubspace.experiment import Experiment, local_schedule, method_options, prepare, sample_clients
+from fedsubspace.methods import ClientContext, Method, get_method
 from fedsubspace.results import RunDirectory
-from fedsubspace.scoring import evaluate
-from fedsubspace.state import payload_bytes
+from fedsubspace.scoring import EvalResult, evaluate
+from fedsubspace.state import GlobalState, MergeLedger, payload_bytes
 
 DIAGNOSTIC_KEYS = (
     "basis_overlap",
@@ -47,6 +53,36 @@ def round_line(row: dict[str, Any], num_rounds: int) -> str:
     )
 
 
+Memories = dict[int, dict[str, torch.Tensor]]
+
+
+def client_context(exp: Experiment, memories: Memories, client_id: int, round_index: int) -> ClientContext:
+    rank = exp.client_ranks[client_id]
+    scaling = exp.trainable.adapters[rank].scaling
+    return ClientContext(client_id, round_index, rank, scaling, memories[client_id])
+
+
+def evaluate_model(exp: Experiment, method: Method, state: GlobalState, memories: Memories) -> EvalResult:
+    """The global model on the evaluation split; for a personalised method, every client's own model
+    (as it would start its next round) on its held-out examples, pooled."""
+    tm, batch_size = exp.trainable, exp.config.eval_batch_size
+    if not method.personalised:
+        tm.load(state)
+        return evaluate(tm.model, exp.eval, tm.kind, batch_size=batch_size, device=tm.device)
+    assert exp.holdouts is not None
+    loss_sum, correct, count = 0.0, 0.0, 0
+    for client_id, held_out in enumerate(exp.holdouts):
+        ctx = client_context(exp, memories, client_id, state.round + 1)
+        tm.activate(ctx.rank)
+        start = method.client_start(state, ctx)
+        tm.load_weights(start.factors, start.head, state.residual)
+        result = evaluate(tm.model, held_out, tm.kind, batch_size=batch_size, device=tm.device)
+        loss_sum += result.loss * result.num_examples
+        correct += result.accuracy * result.num_examples
+        count += result.num_examples
+    return EvalResult(loss=loss_sum / count, accuracy=correct / count, num_examples=count)
+
+
 def run(
     config: ExperimentConfig, out: Path, *, overwrite: bool = False, progress: bool = True
 ) -> dict[str, Any]:
@@ -60,21 +96,22 @@ def run(
         local_schedule(config),
     )
 
-    def evaluate_state(state: Any) -> Any:
-        tm.load(state)
-        return evaluate(tm.model, exp.eval, tm.kind, batch_size=config.eval_batch_size, device=tm.device)
+    memories: Memories = {client_id: {} for client_id in range(config.num_clients)}
+    ledger = MergeLedger()
 
     state = exp.initial_state
-    initial = evaluate_state(state)
+    initial = evaluate_model(exp, method, state, memories)
     best_accuracy, best_round = initial.accuracy, 0
     row: dict[str, Any] = {}
     bar = tqdm(range(1, config.num_rounds + 1), desc=f"{config.method}", unit="round", disable=not progress)
     for round_index in bar:
         started = time.perf_counter()
         selected = sample_clients(config.seed, round_index, config.num_clients, config.client_fraction)
-        downlink = payload_bytes(method.downlink(state))
-        updates, skipped = [], []
+        updates, skipped, bytes_down = [], [], 0
         for client_id in selected:
+            ctx = client_context(exp, memories, client_id, round_index)
+            bytes_down += payload_bytes(method.downlink(state, ctx)) + ledger.catch_up_bytes(client_id, state)
+            kept = dict(ctx.memory)  # a discarded round must not leave its tensors in the client's memory
             update = train_client(
                 tm,
                 method,
@@ -85,6 +122,8 @@ def run(
                 seed=config.seed,
                 round_index=round_index,
                 client_id=client_id,
+                rank=ctx.rank,
+                memory=ctx.memory,
             )
             bad = update.non_finite_tensor()
             if bad is not None:
@@ -92,6 +131,8 @@ def run(
                     f"round {round_index}: client {client_id} sent non-finite values in {bad}; skipped"
                 )
                 skipped.append(client_id)
+                ctx.memory.clear()
+                ctx.memory.update(kept)
                 continue
             updates.append(update)
         trained = time.perf_counter()
@@ -105,10 +146,12 @@ def run(
             diagnostics = round_diagnostics(updates, weights, state)
         else:
             tqdm.write(f"round {round_index}: no usable client update; the global model is unchanged")
+            state = state.next()
             aggregated = time.perf_counter()
+        ledger.record(state)
         diagnosed = time.perf_counter()
 
-        result = evaluate_state(state)
+        result = evaluate_model(exp, method, state, memories)
         finished = time.perf_counter()
         row = {
             "round": round_index,
@@ -119,7 +162,7 @@ def run(
             "eval_accuracy": result.accuracy,
             **{key: diagnostics.get(key) for key in DIAGNOSTIC_KEYS},
             "bytes_up": sum(payload_bytes(method.uplink(u)) for u in updates),
-            "bytes_down": downlink * len(selected),
+            "bytes_down": bytes_down,
             "seconds": finished - started,
             "train_seconds": trained - started,
             "aggregate_seconds": aggregated - trained,
@@ -147,6 +190,8 @@ def run(
         "final_eval_loss": row.get("eval_loss"),
         "final_diagnostics": {key: row.get(key) for key in DIAGNOSTIC_KEYS},
         "eval_examples": initial.num_examples,
+        "evaluation": "personalised" if method.personalised else "global",
+        "client_ranks": exp.client_ranks,
     }
     if best_round == 0:
         run_dir.save_checkpoint("best", exp.initial_state)

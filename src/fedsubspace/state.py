@@ -1,13 +1,16 @@
 """The state of a federation as plain tensors: what the server holds and what a client sends back.
 
 Per adapted module the global adapter is ``(B, A)`` with ``dW = scaling * B @ A``; trainable tensors that
-are not LoRA factors (a classification head) travel beside them. Conversion to and from the live PEFT
-model is a copy into (or out of) parameter maps built once per run, and checkpoints are safetensors
-files of the flat form :func:`flatten` defines.
+are not LoRA factors (a classification head) travel beside them. Methods that merge updates into the
+frozen weights (fedex, flora, fedgalore) also carry the accumulated ``residual`` per module (m x n, in
+the weight's own out x in layout): the global model is ``W0 + residual + scaling * B @ A``. Conversion
+to and from the live PEFT model is a copy into (or out of) parameter maps built once per run, and
+checkpoints are safetensors files of the flat form :func:`flatten` defines.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,21 +25,62 @@ Factors = dict[str, tuple[Tensor, Tensor]]  # module name -> (B (m x r), A (r x 
 
 @dataclass
 class GlobalState:
-    """What the server holds after a round."""
+    """What the server holds after a round.
+
+    ``factors`` is the global adapter at the global (largest client) rank with ``scaling`` its alpha / r.
+    ``residual`` is what has been merged into the frozen weights so far (module -> m x n; empty for
+    methods that never merge), ``merged`` the factored form ``left @ right`` of this round's increment
+    of it (for diagnostics and communication; not checkpointed), ``round`` the number of rounds folded
+    in (0 = the initial state), and ``extras`` holds method-specific server tensors.
+    """
 
     factors: Factors
     head: dict[str, Tensor]
     scaling: float
-    extras: dict[str, Tensor] = field(default_factory=dict)  # method-specific server tensors
+    extras: dict[str, Tensor] = field(default_factory=dict)
+    residual: dict[str, Tensor] = field(default_factory=dict)
+    merged: Factors = field(default_factory=dict)
+    round: int = 0
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.factors.values()))[0].shape[-1]
 
     def products(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Per module ``(scaling * B, A)``: the two factors of the update ``dW``."""
         return {name: (self.scaling * B, A) for name, (B, A) in self.factors.items()}
 
+    def round_update(self, module: str, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """The global model minus the base its round started from, as one product ``left @ right``.
+
+        That base is ``W0`` plus the residual merged before this round, the same base every client of the
+        round trained on, so this is what client updates compare with: this round's merge (if any) plus
+        the adapter ``scaling * B @ A``. ``dtype`` converts the factors before they are scaled.
+        """
+        B, A = (t.to(dtype) for t in self.factors[module])
+        if module not in self.merged:
+            return self.scaling * B, A
+        left, right = (t.to(dtype) for t in self.merged[module])
+        return torch.cat([left, self.scaling * B], dim=-1), torch.cat([right, A], dim=-2)
+
+    def next(self, **changes: object) -> GlobalState:
+        """The state one round later: ``changes`` replace fields, the rest carries over.
+
+        Every rule builds its result through this, so the round counter (which fedrot and rolora read)
+        advances exactly once per round and a round's merge record never leaks into the next.
+        """
+        changes.setdefault("merged", {})
+        return dataclasses.replace(self, round=self.round + 1, **changes)  # type: ignore[arg-type]
+
 
 @dataclass
 class ClientUpdate:
-    """One client's result of a round: its final adapter, head, example count and training loss."""
+    """One client's result of a round: its final adapter, head, example count and training loss.
+
+    ``scaling`` is the client's own alpha / r (clients of different ranks differ; None means the global
+    state's), so the client's update is ``scaling * B @ A``. ``trained`` names the factors it trained
+    (None: the method's static set); the uplink sends only those.
+    """
 
     client_id: int
     num_examples: int
@@ -44,6 +88,16 @@ class ClientUpdate:
     head: dict[str, Tensor]
     train_loss: float
     extras: dict[str, Tensor] = field(default_factory=dict)
+    scaling: float | None = None
+    trained: frozenset[str] | None = None
+
+    def product(
+        self, module: str, default_scaling: float, dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(s B, A)`` of one module, s the client's scaling (or ``default_scaling`` when unknown);
+        ``dtype`` converts the factors before they are scaled."""
+        B, A = (t.to(dtype) for t in self.factors[module])
+        return (self.scaling if self.scaling is not None else default_scaling) * B, A
 
     def non_finite_tensor(self) -> str | None:
         """Name of the first tensor holding NaN or Inf, or None when all are finite."""
@@ -90,13 +144,51 @@ def weighted_average(tensors: list[Mapping[str, Tensor]], weights: list[float]) 
     return {key: sum(w * t[key] for w, t in zip(weights, tensors, strict=True)) for key in tensors[0]}
 
 
+class MergeLedger:
+    """What a client must download to reach the current merged base weights, counted honestly.
+
+    A client that last synchronised after round tau needs the residual increments of rounds tau+1..now.
+    Each increment is a product of stacked client factors, so it travels as those factors, unless
+    their total exceeds the dense m x n increment, which then travels instead (per module, the cheaper
+    of the two). Clients start synchronised with the initial model (round 0, nothing merged).
+    """
+
+    def __init__(self) -> None:
+        self.factored: list[dict[str, int]] = []  # per round: module -> bytes of that round's merge factors
+        self.dense: dict[str, int] = {}  # module -> bytes of one m x n increment
+        self.synced: dict[int, int] = {}  # client -> the round its base weights are current with
+
+    def record(self, state: GlobalState) -> None:
+        """Note the merge of the round that produced ``state`` (none for methods that never merge)."""
+        while len(self.factored) < state.round:
+            self.factored.append({})
+        if state.round == 0:
+            return
+        self.factored[state.round - 1] = {
+            module: payload_bytes({"l": left, "r": right}) for module, (left, right) in state.merged.items()
+        }
+        for module, residual in state.residual.items():
+            self.dense[module] = residual.numel() * residual.element_size()
+
+    def catch_up_bytes(self, client_id: int, state: GlobalState) -> int:
+        """Bytes that bring ``client_id`` to ``state``'s base weights; the client is then synchronised."""
+        since = self.synced.get(client_id, 0)
+        self.synced[client_id] = state.round
+        total = 0
+        for module, dense in self.dense.items():
+            factored = sum(merges.get(module, 0) for merges in self.factored[since : state.round])
+            total += min(dense, factored)
+        return total
+
+
 def save_state(path: Path, state: GlobalState) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    flat = {
-        k: v.detach().contiguous().cpu() for k, v in flatten(state.factors, state.head, state.extras).items()
-    }
-    save_file(flat, str(tmp), metadata={"scaling": json.dumps(state.scaling)})
+    flat = flatten(state.factors, state.head, state.extras)
+    flat.update({f"residual/{name}": t for name, t in state.residual.items()})
+    flat = {k: v.detach().contiguous().cpu() for k, v in flat.items()}
+    metadata = {"scaling": json.dumps(state.scaling), "round": json.dumps(state.round)}
+    save_file(flat, str(tmp), metadata=metadata)
     tmp.replace(path)  # a crash mid-write never leaves a torn checkpoint
 
 
@@ -104,6 +196,15 @@ def load_state(path: Path) -> GlobalState:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        scaling = json.loads((f.metadata() or {})["scaling"])
-    factors, head, extras = unflatten(load_file(str(path)))
-    return GlobalState(factors=factors, head=head, scaling=scaling, extras=extras)
+        metadata = f.metadata() or {}
+    flat = load_file(str(path))
+    residual = {k.removeprefix("residual/"): t for k, t in flat.items() if k.startswith("residual/")}
+    factors, head, extras = unflatten({k: t for k, t in flat.items() if not k.startswith("residual/")})
+    return GlobalState(
+        factors=factors,
+        head=head,
+        scaling=json.loads(metadata["scaling"]),
+        extras=extras,
+        residual=residual,
+        round=json.loads(metadata.get("round", "0")),
+    )

@@ -1,21 +1,29 @@
 """The contract every aggregation method fulfils, and the registry that finds methods by name.
 
-A method is one file holding both halves of a federated rule: what a client trains (which factors,
-which extra loss terms) and uploads, and how the server turns client updates into the next global
-state. Methods see tensors and :class:`~fedsubspace.state.GlobalState` only: no model, no PEFT, no
-Flower, so the in-process runner and the Flower apps drive the very same objects.
+A method is one file holding both halves of a federated rule: what a client starts from, trains (which
+factors or weights, which optimiser, which extra loss terms) and uploads, and how the server turns
+client updates into the next global state. Methods see tensors, parameters and
+:class:`~fedsubspace.state.GlobalState` only: no model, no PEFT, no Flower, so the in-process runner and
+the Flower apps drive the very same objects.
+
+The life of one client round, as the runner drives it:
+``client_start`` (what the client's adapter and head start from) -> ``local_plan`` (what trains, with
+which optimisers and regulariser; ``finish`` post-processes the result) -> the shared training loop ->
+``uplink`` (what travels) -> ``aggregate`` on the server. ``downlink`` is what the client had to receive.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
+from torch import nn
 
-from fedsubspace.state import ClientUpdate, GlobalState, flatten
+from fedsubspace import lowrank
+from fedsubspace.state import ClientUpdate, Factors, GlobalState, flatten
 
 Tensor = torch.Tensor
 # Extra client loss term, called once per optimiser step on the live (B, A) parameters of every module.
@@ -31,38 +39,165 @@ class MethodOptions:
     lambda_reg: float = 1e-5
     max_update_norm: float | None = None
     preserve_norm: bool = True
+    seed: int = 0  # the run seed, for server-side draws (flora's fresh A)
+    fedrot_lam: float = 1.0
+    fedrot_align: Literal["alternate", "A", "B"] = "alternate"
+    glora_server_rank: int | Literal["union"] | None = None  # None: the largest client rank
+    fedgalore_angle: float = 60.0  # degrees
+
+
+@dataclass(frozen=True)
+class LocalSchedule:
+    max_local_steps: int
+    batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    weight_decay: float
+    max_grad_norm: float | None
+
+
+@dataclass(frozen=True)
+class ClientContext:
+    """Who trains, when, at which LoRA rank, and the tensors the client keeps privately between rounds.
+
+    ``memory`` belongs to the client alone (fedsa's local B and head, fedgalore's projector and second
+    moment); the server never reads it. ``scaling`` is alpha / rank of the client's adapter.
+    """
+
+    client_id: int
+    round_index: int  # 1-based
+    rank: int
+    scaling: float
+    memory: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ClientStart:
+    """The adapter (at the client's rank) and head a client starts its round from."""
+
+    factors: Factors
+    head: dict[str, Tensor]
+
+
+@dataclass
+class LiveParameters:
+    """The model's parameters a method may train, as the runner maps them for the client's adapter.
+
+    ``base`` holds the frozen weights of the adapted modules (W0 plus any merged residual), for methods
+    that train the weights themselves (fedgalore).
+    """
+
+    factors: Mapping[str, tuple[nn.Parameter, nn.Parameter]]  # module -> (B, A)
+    head: Mapping[str, nn.Parameter]
+    base: Mapping[str, nn.Parameter]
+
+
+@dataclass
+class LocalPlan:
+    """One client round as a method shapes it: what trains, how, and how the result is reported."""
+
+    trains: frozenset[str]  # LoRA factors that train ("A", "B")
+    parameters: list[nn.Parameter]  # everything that trains; gradients are clipped together
+    optimizers: list[torch.optim.Optimizer]
+    regularizer: Regularizer | None = None
+    finish: Callable[[ClientUpdate], ClientUpdate] | None = None
 
 
 class Method(ABC):
     name: ClassVar[str]
-    # Which LoRA factors a client trains; the others stay at the global value it received.
+    # Which LoRA factors a client trains; the others stay at the value it started from.
     trains: ClassVar[frozenset[str]] = frozenset({"A", "B"})
+    # Whether clients may have different LoRA ranks (config ``client_ranks``).
+    heterogeneous_ranks: ClassVar[bool] = False
+    # Whether the server merges updates into the frozen weights (needs a pristine copy of W0).
+    merges_into_base: ClassVar[bool] = False
+    # Whether each client keeps its own model (evaluated on its own held-out data) instead of a global one.
+    personalised: ClassVar[bool] = False
 
     def __init__(self, options: MethodOptions) -> None:
         self.options = options
+
+    # --- client side ---------------------------------------------------------------------------
+
+    def readout(self, state: GlobalState, rank: int, scaling: float) -> Factors:
+        """The global adapter as a client of ``rank`` (with scaling ``scaling``) receives it.
+
+        Methods that serve mixed ranks override this; the others only ever see the global rank.
+        """
+        if rank != state.rank:
+            raise ValueError(f"{self.name} serves only the global rank {state.rank}, not {rank}")
+        return state.factors
+
+    def client_start(self, state: GlobalState, ctx: ClientContext) -> ClientStart:
+        return ClientStart(self.readout(state, ctx.rank, ctx.scaling), state.head)
+
+    def trains_in(self, round_index: int) -> frozenset[str]:
+        """The LoRA factors clients train in ``round_index`` (rolora alternates them)."""
+        return self.trains
 
     def client_regularizer(self, state: GlobalState) -> Regularizer | None:
         """Extra term added to a client's task loss in this round, or None."""
         return None
 
-    def downlink(self, state: GlobalState) -> dict[str, Tensor]:
-        """The tensors a client must receive to start the round from ``state``."""
-        return flatten(state.factors, state.head)
+    def local_plan(
+        self, state: GlobalState, ctx: ClientContext, params: LiveParameters, schedule: LocalSchedule
+    ) -> LocalPlan:
+        """The usual LoRA round: the method's factors and the head train with a fresh AdamW."""
+        trains = self.trains_in(ctx.round_index)
+        parameters = list(params.head.values())
+        for B, A in params.factors.values():
+            B.requires_grad_("B" in trains)
+            A.requires_grad_("A" in trains)
+            parameters += [p for p in (B, A) if p.requires_grad]
+        for p in params.head.values():
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(
+            parameters, lr=schedule.learning_rate, weight_decay=schedule.weight_decay
+        )
+        return LocalPlan(trains, parameters, [optimizer], self.client_regularizer(state))
+
+    # --- communication -------------------------------------------------------------------------
+
+    def downlink(self, state: GlobalState, ctx: ClientContext) -> dict[str, Tensor]:
+        """The tensors a client must receive to start the round from ``state`` (merged residuals aside:
+        the runner counts those with a :class:`~fedsubspace.state.MergeLedger`)."""
+        return flatten(self.readout(state, ctx.rank, ctx.scaling), state.head)
 
     def uplink(self, update: ClientUpdate) -> dict[str, Tensor]:
-        """The tensors a client sends back: the factors it trained and its head."""
+        """The tensors a client sends back: the factors it trained, its head and any extras."""
+        trained = update.trained if update.trained is not None else self.trains
         flat: dict[str, Tensor] = {}
         for name, (B, A) in update.factors.items():
-            if "B" in self.trains:
+            if "B" in trained:
                 flat[f"lora_B/{name}"] = B
-            if "A" in self.trains:
+            if "A" in trained:
                 flat[f"lora_A/{name}"] = A
         flat.update({f"head/{k}": v for k, v in update.head.items()})
+        flat.update({f"extra/{k}": v for k, v in update.extras.items()})
         return flat
+
+    # --- server side ---------------------------------------------------------------------------
 
     @abstractmethod
     def aggregate(self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]) -> GlobalState:
         """The next global state from this round's client updates; ``weights`` sum to 1."""
+
+
+def truncated_readout(state: GlobalState, rank: int, scaling: float) -> Factors:
+    """The first ``rank`` components of the global adapter, rescaled for a client with ``scaling``
+    (zero-padded when the client's rank exceeds the global one)."""
+    return {
+        name: lowrank.resize_rank(B, A, rank, state.scaling / scaling)
+        for name, (B, A) in state.factors.items()
+    }
+
+
+class TruncatingReadout:
+    """Mixin for states whose adapter is ordered so that its first r_k components are the ones a client
+    of rank r_k should get (hetlora's, flexlora's SVD order, flora's and fedgalore's B = 0)."""
+
+    def readout(self, state: GlobalState, rank: int, scaling: float) -> Factors:
+        return truncated_readout(state, rank, scaling)
 
 
 METHODS: dict[str, type[Method]] = {}
@@ -71,3 +206,7 @@ METHODS: dict[str, type[Method]] = {}
 def register(cls: type[Method]) -> type[Method]:
     METHODS[cls.name] = cls
     return cls
+
+
+def heterogeneous_methods() -> list[str]:
+    return sorted(name for name, cls in METHODS.items() if cls.heterogeneous_ranks)

@@ -2,14 +2,61 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
+
 from fedsubspace import lowrank
-from fedsubspace.state import ClientUpdate, GlobalState, weighted_average
+from fedsubspace.state import ClientUpdate, Factors, GlobalState, weighted_average
+
+Tensor = torch.Tensor
 
 
 def average_heads(updates: list[ClientUpdate], weights: list[float]) -> dict:
     if not updates[0].head:
         return {}
     return weighted_average([u.head for u in updates], weights)
+
+
+def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """``sum_i p_i T_i`` (factor averaging)."""
+    total = weights[0] * tensors[0]
+    for p, t in zip(weights[1:], tensors[1:], strict=True):
+        total = total + p * t
+    return total
+
+
+def average_factors(updates: list[ClientUpdate], weights: list[float], module: str) -> tuple[Tensor, Tensor]:
+    """``(sum p_i B_i, sum p_i A_i)`` of one module: the factor averaging of fedavg and its relatives."""
+    return (
+        weighted_sum([u.factors[module][0] for u in updates], weights),
+        weighted_sum([u.factors[module][1] for u in updates], weights),
+    )
+
+
+def exact_sum(
+    updates: list[ClientUpdate], weights: list[float], module: str, scaling: float
+) -> tuple[Tensor, Tensor]:
+    """``sum_i p_i s_i B_i A_i`` of one module as the product ``left @ right`` of stacked factors.
+
+    Each client's own scaling s_i applies (clients of different ranks have different alpha / r);
+    ``scaling`` is used for updates that do not carry one. Inner size: the sum of the client ranks.
+    """
+    products = [u.product(module, scaling) for u in updates]
+    return lowrank.stack_weighted([left for left, _ in products], [right for _, right in products], weights)
+
+
+def merged_residual(state: GlobalState, merges: Factors) -> dict[str, Tensor]:
+    """The state's residual plus each module's increment ``left @ right``, in W0's out x in layout.
+
+    This is the one place the server forms m x n matrices: the merged weight delta is the method's
+    definition (fedex, flora, fedgalore), formed once per module and round from the stacked factors.
+    """
+    residual = dict(state.residual)
+    for module, (left, right) in merges.items():
+        increment = left @ right
+        residual[module] = residual[module] + increment if module in residual else increment
+    return residual
 
 
 def truncated_average(
@@ -21,15 +68,12 @@ def truncated_average(
     max_norm: float | None,
     preserve_norm: bool,
 ) -> lowrank.TruncatedSVD:
-    """Rank-``rank`` SVD of the exact average ``T = sum p_i s B_i A_i`` of one module, in factored form.
+    """Rank-``rank`` SVD of the exact average ``T = sum p_i s_i B_i A_i`` of one module, in factored form.
 
     ``max_norm`` clips ``||T||_F`` first; ``preserve_norm`` rescales the truncated update to the
     (clipped) norm of T, as the Subspace-Reg reference implementation does.
     """
-    left, right = lowrank.stack_weighted(
-        [scaling * u.factors[module][0] for u in updates], [u.factors[module][1] for u in updates], weights
-    )
-    full = lowrank.factored_svd(left, right)
+    full = lowrank.factored_svd(*exact_sum(updates, weights, module, scaling))
     S = lowrank.clip_and_preserve(full.S, rank, max_norm, preserve_norm)
     return lowrank.TruncatedSVD(U=full.U[..., :rank], S=S, Vh=full.Vh[..., :rank, :])
 
@@ -42,10 +86,9 @@ def svd_refactorise(
     max_norm: float | None,
     preserve_norm: bool,
 ) -> GlobalState:
-    """The exact average of client products, truncated to each module's rank and split by ``split``."""
+    """The exact average of client products, truncated to the global rank and split by ``split``."""
     factors = {}
-    for module, (B_g, _) in state.factors.items():
-        rank = B_g.shape[-1]
-        svd = truncated_average(updates, weights, module, state.scaling, rank, max_norm, preserve_norm)
-        factors[module] = lowrank.split_factors(svd, state.scaling, split, rank)
-    return GlobalState(factors=factors, head=average_heads(updates, weights), scaling=state.scaling)
+    for module in state.factors:
+        svd = truncated_average(updates, weights, module, state.scaling, state.rank, max_norm, preserve_norm)
+        factors[module] = lowrank.split_factors(svd, state.scaling, split, state.rank)
+    return state.next(factors=factors, head=average_heads(updates, weights))

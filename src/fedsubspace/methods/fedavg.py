@@ -6,8 +6,8 @@ Not gauge-invariant: the product of the averaged factors is not the average of t
 from __future__ import annotations
 
 from fedsubspace.methods.base import Method, register
-from fedsubspace.methods.common import average_heads
-from fedsubspace.state import ClientUpdate, GlobalState, weighted_average
+from fedsubspace.methods.common import average_factors, average_heads
+from fedsubspace.state import ClientUpdate, GlobalState
 
 
 @register
@@ -15,10 +15,5 @@ class FedAvg(Method):
     name = "fedavg"
 
     def aggregate(self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]) -> GlobalState:
-        factors = {}
-        for module in state.factors:
-            averaged = weighted_average(
-                [dict(zip("BA", u.factors[module], strict=True)) for u in updates], weights
-            )
-            factors[module] = (averaged["B"], averaged["A"])
-        return GlobalState(factors=factors, head=average_heads(updates, weights), scaling=state.scaling)
+        factors = {module: average_factors(updates, weights, module) for module in state.factors}
+        return state.next(factors=factors, head=average_heads(updates, weights))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fedsubspace import lowrank
 from fedsubspace.methods.base import Method, register
-from fedsubspace.methods.common import average_heads
+from fedsubspace.methods.common import average_heads, weighted_sum
 from fedsubspace.state import ClientUpdate, GlobalState
 
 
@@ -21,7 +21,7 @@ class FedSVD(Method):
         factors = {}
         for module, (B_g, A_g) in state.factors.items():
             rank = B_g.shape[-1]
-            B_bar = sum(p * u.factors[module][0] for p, u in zip(weights, updates, strict=True))
+            B_bar = weighted_sum([u.factors[module][0] for u in updates], weights)
             svd = lowrank.factored_svd(state.scaling * B_bar, A_g, rank)
             factors[module] = lowrank.split_factors(svd, state.scaling, "orthonormal_A", rank)
-        return GlobalState(factors=factors, head=average_heads(updates, weights), scaling=state.scaling)
+        return state.next(factors=factors, head=average_heads(updates, weights))

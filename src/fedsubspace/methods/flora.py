@@ -1,0 +1,47 @@
+"""flora (FLoRA, NeurIPS 2024): stack the client adapters, merge their exact average into W0, start over.
+
+``sum_i p_i s_i B_i A_i`` is the product of the stacked factors ``[p_1 s_1 B_1, ..., p_k s_k B_k]`` and
+``[A_1; ...; A_k]``, exact for any mix of client ranks (each with its own scaling alpha / r_i); it is
+merged into the frozen weights, and every client re-initialises its adapter for the next round: B zero,
+A fresh with PEFT's kaiming-uniform range ``U(-1/sqrt(n), 1/sqrt(n))``. The fresh A is drawn per round
+from the run seed, shared by all clients (a client of rank r_k takes its first r_k rows), so every client
+can regenerate it: only the merged increments and the head travel down.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedsubspace.methods.base import ClientContext, Method, TruncatingReadout, register
+from fedsubspace.methods.common import average_heads, exact_sum, merged_residual
+from fedsubspace.seeding import REINIT, stream_seed
+from fedsubspace.state import ClientUpdate, GlobalState
+
+Tensor = torch.Tensor
+
+
+@register
+class FLoRA(TruncatingReadout, Method):
+    name = "flora"
+    heterogeneous_ranks = True
+    merges_into_base = True
+
+    def downlink(self, state: GlobalState, ctx: ClientContext) -> dict[str, Tensor]:
+        return {f"head/{k}": v for k, v in state.head.items()}
+
+    def aggregate(self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]) -> GlobalState:
+        generator = torch.Generator().manual_seed(stream_seed(self.options.seed, REINIT, state.round + 1))
+        factors, merges = {}, {}
+        for module, (B_g, A_g) in state.factors.items():
+            merges[module] = exact_sum(updates, weights, module, state.scaling)
+            bound = 1.0 / math.sqrt(A_g.shape[-1])
+            fresh = (torch.rand(A_g.shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+            factors[module] = (torch.zeros_like(B_g), fresh.to(A_g))
+        return state.next(
+            factors=factors,
+            head=average_heads(updates, weights),
+            residual=merged_residual(state, merges),
+            merged=merges,
+        )
