@@ -323,7 +323,8 @@ def test_flora_reinitialises_B_zero_and_a_fresh_seeded_A_every_round():
         # a rank-2 client starts from B = 0 and the first two rows of the fresh A
         B2, A2 = method.readout(one, 2, ALPHA / 2)[module]
         assert not B2.any() and torch.equal(A2, A[:2])
-    assert set(method.downlink(one, ctx(2))) == {"head/h"}
+    # the fresh A never travels: only the head and the round whose draw a client regenerates
+    assert set(method.downlink(one, ctx(2))) == {"head/h", "extra/flora/drawn"}
 
 
 @pytest.mark.parametrize("round_index", [1, 2, 3])

@@ -24,12 +24,53 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set, method=args.method, seed=args.seed)
     out = args.out or default_out(config.model, config.method, config.seed)
-    summary = run(config, out, overwrite=args.overwrite, progress=not args.quiet)
+    summary = run(config, out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
     print(
         f"done: {config.method} on {config.model}, seed {config.seed}: accuracy "
         f"{summary['initial_eval_accuracy']:.4f} before training, best {summary['best_eval_accuracy']:.4f} "
         f"(round {summary['best_round']}), final {summary['final_eval_accuracy']:.4f}; results in {out}"
     )
+    return 0
+
+
+def _comma_list(text: str, what: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise UserError(f"--{what} needs a comma-separated list, got {text!r}")
+    return items
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from fedsubspace.experiments.matrix import plan, run_matrix
+
+    seeds = _comma_list(args.seeds, "seeds")
+    bad = next((seed for seed in seeds if not seed.lstrip("-").isdigit()), None)
+    if bad is not None:
+        raise UserError(f"--seeds takes integers, got {bad!r}")
+    jobs = plan(
+        args.config,
+        _comma_list(args.methods, "methods"),
+        [int(seed) for seed in seeds],
+        args.out,
+        args.set,
+        references=args.references,
+    )
+    result = run_matrix(jobs, workers=args.jobs, progress=not args.quiet)
+    print(
+        f"matrix: {len(jobs)} runs in {args.out}: {len(result.ran)} run now, "
+        f"{len(result.skipped)} finished before, {len(result.failed)} failed"
+    )
+    for job in result.failed:
+        print(f"  failed: {job.name} (see {job.path}/error.txt)")
+    print(f"tables and plots: fedsubspace report {args.out}")
+    return 1 if result.failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedsubspace.experiments.report import write_report
+
+    out = write_report(args.dir)
+    print(f"report in {out}: index.html, summary.md, summary.csv and the plots")
     return 0
 
 
@@ -88,6 +129,31 @@ def cmd_bench_client_step(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_flower_local(args: argparse.Namespace) -> int:
+    from fedsubspace.config import load_config
+    from fedsubspace.flower.local import FlowerRunError, run_local
+    from fedsubspace.server import done_line
+
+    config = load_config(args.config, args.set, method=args.method, seed=args.seed)
+    out = args.out or default_out(config.model, config.method, config.seed)
+    try:
+        summary = run_local(
+            config,
+            out,
+            nodes=config.num_clients if args.nodes is None else args.nodes,
+            overwrite=args.overwrite,
+            min_replies=args.min_replies,
+            round_timeout=args.round_timeout,
+            node_timeout=args.node_timeout,
+            output=sys.stdout,
+        )
+    except FlowerRunError as exc:
+        print(f"fedsubspace: error: {exc}", file=sys.stderr)
+        return 1
+    print(done_line(summary, out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsubspace", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -99,8 +165,37 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="results directory (default runs/MODEL-METHOD-seedN)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    run.add_argument(
+        "--resume", action="store_true", help="continue the run in --out after its last completed round"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
     run.set_defaults(func=cmd_run)
+
+    matrix = commands.add_parser(
+        "matrix", help="every config x method x seed (and reference runs), one results directory each"
+    )
+    matrix.add_argument(
+        "--config", type=Path, action="append", required=True, help="YAML config (repeatable)"
+    )
+    matrix.add_argument("--methods", required=True, help="comma-separated methods")
+    matrix.add_argument("--seeds", default="42,43,44", help="comma-separated seeds (default 42,43,44)")
+    matrix.add_argument("--out", type=Path, required=True, help="matrix directory: OUT/CONFIG/METHOD/seedN")
+    matrix.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
+    matrix.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    matrix.add_argument(
+        "--references",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add the centralized reference run per config and seed (default: on)",
+    )
+    matrix.add_argument("--quiet", action="store_true", help="no progress bar")
+    matrix.set_defaults(func=cmd_matrix)
+
+    report = commands.add_parser("report", help="tables and plots of every results directory under DIR")
+    report.add_argument("dir", type=Path, help="a matrix directory (or any directory holding runs)")
+    report.set_defaults(func=cmd_report)
 
     demo = commands.add_parser("demo", help="run two methods on one config and compare them per round")
     demo.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
@@ -140,6 +235,32 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--json", action="store_true")
     step.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     step.set_defaults(func=cmd_bench_client_step)
+
+    flower = commands.add_parser("flower", help="run on Flower (SuperLink and SuperNodes)").add_subparsers(
+        dest="flower_command", required=True
+    )
+    local = flower.add_parser(
+        "local", help="start a SuperLink and one SuperNode per client on 127.0.0.1 and run there"
+    )
+    local.add_argument("--nodes", type=int, help="SuperNodes, one per client (default: num_clients)")
+    local.add_argument("--config", type=Path, help="YAML config (defaults apply to keys it omits)")
+    local.add_argument("--method", help="aggregation method (overrides the config)")
+    local.add_argument("--seed", type=int, help="run seed (overrides the config)")
+    local.add_argument("--out", type=Path, help="results directory (default runs/MODEL-METHOD-seedN)")
+    local.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    local.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    local.add_argument(
+        "--min-replies", type=int, default=1, help="fewest usable updates a round aggregates (default 1)"
+    )
+    local.add_argument(
+        "--round-timeout", type=float, default=3600.0, help="seconds a round waits for replies (default 3600)"
+    )
+    local.add_argument(
+        "--node-timeout", type=float, default=300.0, help="seconds to wait for the SuperNodes (default 300)"
+    )
+    local.set_defaults(func=cmd_flower_local)
     return parser
 
 

@@ -230,8 +230,12 @@ def prepare(config: ExperimentConfig) -> Experiment:
     )
 
 
+def clients_per_round(num_clients: int, fraction: float) -> int:
+    return max(1, round(fraction * num_clients))
+
+
 def sample_clients(seed: int, round_index: int, num_clients: int, fraction: float) -> list[int]:
     """The clients of one round: a seeded draw that depends only on (seed, round), never on the engine."""
-    count = max(1, round(fraction * num_clients))
+    count = clients_per_round(num_clients, fraction)
     generator = torch.Generator().manual_seed(stream_seed(seed, SAMPLING, round_index))
     return sorted(torch.randperm(num_clients, generator=generator)[:count].tolist())

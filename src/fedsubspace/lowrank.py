@@ -58,16 +58,15 @@ def factored_svd(left: Tensor, right: Tensor, rank: int | None = None) -> Trunca
     """
     q_left, r_left = torch.linalg.qr(left)  # (m, a), (a, k) with a = min(m, k)
     q_right, r_right = torch.linalg.qr(right.mT)  # (n, b), (b, k) with b = min(n, k)
-    # The core is small, so its SVD and the products back run in float64 at no measurable cost; in
-    # float32 they would add up to 2.5x the error of a dense float32 SVD when s_r and s_r+1 are close.
+    # The core is small, so its SVD runs in float64 at no measurable cost; in float32 it added up to
+    # 2.5x the error of a dense float32 SVD when s_r and s_r+1 are close (docs/performance.md).
     wide = torch.promote_types(left.dtype, torch.float64)
     core = r_left.to(wide) @ r_right.to(wide).mT  # (a, b): the only matrix we decompose
     u_core, s, vh_core = torch.linalg.svd(core, full_matrices=False)
     if rank is not None:
         u_core, s, vh_core = u_core[..., :rank], s[..., :rank], vh_core[..., :rank, :]
-    U = (q_left.to(wide) @ u_core).to(left.dtype)
-    Vh = (vh_core @ q_right.to(wide).mT).to(left.dtype)
-    return TruncatedSVD(U=U, S=s.to(left.dtype), Vh=Vh)
+    dtype = left.dtype
+    return TruncatedSVD(U=q_left @ u_core.to(dtype), S=s.to(dtype), Vh=vh_core.to(dtype) @ q_right.mT)
 
 
 def clip_and_preserve(

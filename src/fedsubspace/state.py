@@ -170,6 +170,15 @@ class MergeLedger:
         for module, residual in state.residual.items():
             self.dense[module] = residual.numel() * residual.element_size()
 
+    def state_dict(self) -> dict:
+        """Everything the ledger remembers, as JSON-ready data (a resumed run restores it)."""
+        return {"factored": self.factored, "dense": self.dense, "synced": self.synced}
+
+    def load_state_dict(self, data: dict) -> None:
+        self.factored = [dict(merges) for merges in data["factored"]]
+        self.dense = dict(data["dense"])
+        self.synced = {int(client): since for client, since in data["synced"].items()}  # JSON keys are str
+
     def catch_up_bytes(self, client_id: int, state: GlobalState) -> int:
         """Bytes that bring ``client_id`` to ``state``'s base weights; the client is then synchronised."""
         since = self.synced.get(client_id, 0)
@@ -181,13 +190,26 @@ class MergeLedger:
         return total
 
 
-def save_state(path: Path, state: GlobalState) -> None:
+SIDECAR = "sidecar/"  # checkpoint keys that are not part of the global state (a runner's resume data)
+
+
+def save_state(
+    path: Path,
+    state: GlobalState,
+    *,
+    sidecar: Mapping[str, Tensor] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """``state`` as safetensors; ``sidecar`` tensors and ``metadata`` strings travel in the same file, so a
+    runner's whole resume point is written by one atomic rename (:func:`load_state` ignores them,
+    :func:`load_sidecar` reads them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     flat = flatten(state.factors, state.head, state.extras)
     flat.update({f"residual/{name}": t for name, t in state.residual.items()})
+    flat.update({f"{SIDECAR}{name}": t for name, t in (sidecar or {}).items()})
     flat = {k: v.detach().contiguous().cpu() for k, v in flat.items()}
-    metadata = {"scaling": json.dumps(state.scaling), "round": json.dumps(state.round)}
+    metadata = {**(metadata or {}), "scaling": json.dumps(state.scaling), "round": json.dumps(state.round)}
     save_file(flat, str(tmp), metadata=metadata)
     tmp.replace(path)  # a crash mid-write never leaves a torn checkpoint
 
@@ -197,7 +219,7 @@ def load_state(path: Path) -> GlobalState:
 
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-    flat = load_file(str(path))
+    flat = {k: t for k, t in load_file(str(path)).items() if not k.startswith(SIDECAR)}
     residual = {k.removeprefix("residual/"): t for k, t in flat.items() if k.startswith("residual/")}
     factors, head, extras = unflatten({k: t for k, t in flat.items() if not k.startswith("residual/")})
     return GlobalState(
@@ -208,3 +230,13 @@ def load_state(path: Path) -> GlobalState:
         residual=residual,
         round=json.loads(metadata.get("round", "0")),
     )
+
+
+def load_sidecar(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The ``sidecar`` tensors and all metadata :func:`save_state` wrote beside the state."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k.removeprefix(SIDECAR): f.get_tensor(k) for k in f.keys() if k.startswith(SIDECAR)}  # noqa: SIM118
+    return tensors, metadata

@@ -163,6 +163,31 @@ class Method(ABC):
         the runner counts those with a :class:`~fedsubspace.state.MergeLedger`)."""
         return flatten(self.readout(state, ctx.rank, ctx.scaling), state.head)
 
+    def client_view(
+        self, received: Mapping[str, Tensor], initial: GlobalState, ctx: ClientContext
+    ) -> GlobalState:
+        """The global state as a client knows it at the start of round ``ctx.round_index``, from what it
+        received (this method's :meth:`downlink`) and the initial state, which every client rebuilds from
+        the config and seed. A runner that ships only the downlink (Flower) trains the client from this
+        view: ``client_start`` and ``client_regularizer`` give on it what they give on the server's state.
+
+        Received factors are the readout at the client's rank, with its scaling; factors that never travel
+        keep their initial value (ffa's A, fedsa's B), and so does the head when it does not travel
+        (fedsa). Merged base weights are the runner's to add (``residual``).
+        """
+        factors = {
+            module: (received.get(f"lora_B/{module}", B), received.get(f"lora_A/{module}", A))
+            for module, (B, A) in initial.factors.items()
+        }
+        any_factor = any(key.startswith(("lora_B/", "lora_A/")) for key in received)
+        return GlobalState(
+            factors=factors,
+            head={name: received.get(f"head/{name}", t) for name, t in initial.head.items()},
+            scaling=ctx.scaling if any_factor else initial.scaling,
+            extras={k.removeprefix("extra/"): t for k, t in received.items() if k.startswith("extra/")},
+            round=ctx.round_index - 1,
+        )
+
     def uplink(self, update: ClientUpdate) -> dict[str, Tensor]:
         """The tensors a client sends back: the factors it trained, its head and any extras."""
         trained = update.trained if update.trained is not None else self.trains

@@ -1,0 +1,117 @@
+"""The report's plots, per setup: a metric per round for every method, mean over seeds with a band of
+one standard deviation. Drawn on matplotlib's Agg canvas (files only, no display, no pyplot state).
+
+- accuracy: round 0 is the model before training (each method's own initial evaluation: a
+  personalised method's is on its clients' held-out data), the centralized reference's final accuracy
+  a dashed line;
+- basis overlap, update overlap, cancellation ratio: the federated methods only (with one client the
+  centralized reference has nothing to compare).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from fedsubspace.experiments.layout import CENTRALIZED, RunRecord
+
+DIAGNOSTICS = (
+    ("basis_overlap", "basis overlap"),
+    ("update_overlap", "update overlap"),
+    ("cancellation_ratio", "cancellation ratio"),
+)
+# tab20's strong shades first, then its light ones: up to ten methods get strong colours.
+_PALETTE = [*colormaps["tab20"].colors[0::2], *colormaps["tab20"].colors[1::2]]
+
+
+def colour_map(labels: list[str]) -> dict[str, Any]:
+    """One colour per method, the same in every plot of a report."""
+    return {label: _PALETTE[i % len(_PALETTE)] for i, label in enumerate(sorted(set(labels)))}
+
+
+def _per_round(runs: list[RunRecord], key: str, initial: str | None = None) -> np.ndarray:
+    """seeds x rounds (from round 0 when ``initial`` names the summary's value for it), NaN where a run
+    has no value (fewer rounds, an undefined diagnostic)."""
+    first = 0 if initial else 1
+    rounds = max(max((row["round"] for row in run.rows), default=0) for run in runs)
+    values = np.full((len(runs), rounds - first + 1), np.nan)
+    for i, run in enumerate(runs):
+        if initial and run.summary is not None:
+            values[i, 0] = run.summary[initial]
+        for row in run.rows:
+            if row.get(key) is not None:
+                values[i, row["round"] - first] = row[key]
+    return values
+
+
+def _draw(ax: Axes, values: np.ndarray, first_round: int, label: str, colour: Any) -> None:
+    with warnings.catch_warnings():  # rounds no seed has leave gaps, which is what NaN draws
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(values, axis=0)
+        std = np.nanstd(values, axis=0, ddof=1) if len(values) > 1 else None
+    if np.isnan(mean).all():
+        return
+    rounds = np.arange(first_round, first_round + values.shape[1])
+    ax.plot(rounds, mean, marker="o", markersize=3, color=colour, label=f"{label} ({len(values)} seeds)")
+    if std is not None:
+        ax.fill_between(rounds, mean - std, mean + std, color=colour, alpha=0.15, linewidth=0)
+
+
+def _save(fig: Figure, ax: Axes, path: Path, title: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    fig.savefig(path, bbox_inches="tight")
+
+
+def _figure() -> tuple[Figure, Axes]:
+    fig = Figure(figsize=(7.5, 4.2), dpi=110)
+    FigureCanvasAgg(fig)  # attaches itself: savefig renders with Agg
+    return fig, fig.add_subplot()
+
+
+def slug(setup: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", setup)
+
+
+def plot_setup(out: Path, setup: str, runs: list[RunRecord], colours: dict[str, Any]) -> list[str]:
+    """The setup's plots in ``out``, from its finished ``runs``; returns the file names."""
+    by_label: dict[str, list[RunRecord]] = {}
+    for run in runs:
+        by_label.setdefault(run.label, []).append(run)
+    federated = {label: group for label, group in sorted(by_label.items()) if label != CENTRALIZED}
+    names = []
+
+    fig, ax = _figure()
+    for label, group in federated.items():
+        _draw(
+            ax, _per_round(group, "eval_accuracy", initial="initial_eval_accuracy"), 0, label, colours[label]
+        )
+    if CENTRALIZED in by_label:
+        finals = [r.summary["final_eval_accuracy"] for r in by_label[CENTRALIZED] if r.summary]
+        ax.axhline(
+            float(np.mean(finals)), color="black", linestyle="--", linewidth=1, label="centralized (final)"
+        )
+    names.append(f"{slug(setup)}-accuracy.png")
+    _save(fig, ax, out / names[-1], f"{setup}: eval accuracy (round 0: before training)", "accuracy")
+
+    for key, title in DIAGNOSTICS:
+        fig, ax = _figure()
+        for label, group in federated.items():
+            _draw(ax, _per_round(group, key), 1, label, colours[label])
+        names.append(f"{slug(setup)}-{key}.png")
+        _save(fig, ax, out / names[-1], f"{setup}: {title}", title)
+    return names

@@ -1,0 +1,181 @@
+"""The Flower ClientApp: one node holds one client, trains it exactly as the in-process runner does.
+
+A node's client is its ``partition-id`` (``--node-config "partition-id=K num-partitions=N"``; N must be
+the run's ``num_clients``). The node computes that partition itself with the same loader and seeded
+partitioner as the in-process runner, so the data never travels. A TRAIN message carries the method's
+downlink, from which the client rebuilds its view of the global state (:meth:`Method.client_view`), and
+the merged-weight catch-up; the client trains with :func:`fedsubspace.client.train_client` and replies
+with the method's uplink (``arrays``), its example count and loss (``metrics``) and what it trained with
+(``config``). What the client keeps between its rounds lives in the node's Flower context: its memory
+(fedsa's B and head, fedgalore's projector and second moment; not updated by a round whose update is not
+finite, as in-process) and its merged base weights with the round they are current with.
+
+Flower 1.41 starts a new ClientApp process for every message, so the experiment (model, tokenizer,
+dataset, encodings) cached per process below serves all the messages one process handles (a runtime that
+keeps processes, a test calling the app directly) and is otherwise built once per message.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict, UserConfig
+from flwr.clientapp import ClientApp
+
+from fedsubspace.errors import UserError
+from fedsubspace.flower.settings import FlowerSettings
+
+# Every message starts a new ClientApp process: the query that maps nodes to clients must not pay for
+# importing torch and transformers, so the training stack is imported by the handlers that use it.
+if TYPE_CHECKING:
+    from fedsubspace.client import LocalSchedule
+    from fedsubspace.config import ExperimentConfig
+    from fedsubspace.experiment import Experiment
+    from fedsubspace.methods import ClientContext, Method
+    from fedsubspace.state import GlobalState
+
+MEMORY = "fedsubspace.memory"  # node state: the client's private tensors
+RESIDUAL = "fedsubspace.residual"  # node state: the merged base-weight residual, per module
+SYNC = "fedsubspace.sync"  # node state: {"residual-round": the round the residual is current with}
+
+
+@dataclass
+class Session:
+    config: ExperimentConfig
+    exp: Experiment
+    method: Method
+    schedule: LocalSchedule
+
+
+_sessions: dict[str, Session] = {}
+
+
+def session(run_config: UserConfig) -> Session:
+    """The experiment of a run config, built once per process."""
+    from fedsubspace.experiment import local_schedule, method_options, prepare
+    from fedsubspace.methods import get_method
+
+    config = FlowerSettings.from_run_config(run_config).config
+    key = json.dumps(config.to_dict(), sort_keys=True)
+    if key not in _sessions:
+        _sessions.clear()  # one run at a time: a new config releases the old model
+        _sessions[key] = Session(
+            config, prepare(config), get_method(config.method, method_options(config)), local_schedule(config)
+        )
+    return _sessions[key]
+
+
+def partition(node_config: UserConfig) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` from the node config."""
+    try:
+        client, count = node_config["partition-id"], node_config["num-partitions"]
+    except KeyError as exc:
+        raise UserError(
+            f"node config has no {exc}; start the SuperNode with "
+            '--node-config "partition-id=K num-partitions=N"'
+        ) from None
+    if not (isinstance(client, int) and isinstance(count, int) and 0 <= client < count):
+        raise UserError(f"node config partition-id={client!r} num-partitions={count!r} is not a partition")
+    return client, count
+
+
+def residual_round(context: Context) -> int:
+    sync = context.state.config_records.get(SYNC)
+    return int(sync["residual-round"]) if sync is not None else 0  # type: ignore[arg-type]
+
+
+app = ClientApp()
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Who this node is: its client, and how far its merged base weights are."""
+    client, count = partition(context.node_config)
+    answer = ConfigRecord(
+        {"partition-id": client, "num-partitions": count, "residual-round": residual_round(context)}
+    )
+    return Message(RecordDict({"node": answer}), reply_to=msg)
+
+
+def start_round(msg: Message, context: Context, s: Session) -> tuple[ClientContext, GlobalState]:
+    """The client's context and its view of the global state, merged base weights brought up to date."""
+    from fedsubspace.flower.payload import apply_catch_up, from_record, to_record
+    from fedsubspace.server import client_context
+
+    config = msg.content["config"]
+    client, count = partition(context.node_config)
+    if count != s.config.num_clients or client != config["partition-id"]:
+        raise UserError(
+            f"this node holds partition {client} of {count}; the server asked for client "
+            f"{config['partition-id']} of {s.config.num_clients}"
+        )
+    memory = from_record(context.state.array_records.get(MEMORY, ArrayRecord()))
+    ctx = client_context(s.exp, {client: memory}, client, int(config["server-round"]))  # type: ignore[arg-type]
+    view = s.method.client_view(from_record(msg.content["arrays"]), s.exp.initial_state, ctx)
+    if "residual" in msg.content:
+        since = residual_round(context)
+        if since != config["residual-from"]:
+            raise RuntimeError(
+                f"merged weights current with round {since}, catch-up from {config['residual-from']}"
+            )
+        held = from_record(context.state.array_records.get(RESIDUAL, ArrayRecord()))
+        residual = apply_catch_up(held, from_record(msg.content["residual"]))
+        context.state[RESIDUAL] = to_record(residual)
+        context.state[SYNC] = ConfigRecord({"residual-round": view.round})
+        view.residual = residual
+    return ctx, view
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    from fedsubspace.client import train_client
+    from fedsubspace.flower.payload import to_record
+
+    s = session(context.run_config)
+    ctx, view = start_round(msg, context, s)
+    kept = dict(ctx.memory)
+    update = train_client(
+        s.exp.trainable,
+        s.method,
+        view,
+        s.exp.train,
+        s.exp.partitions[ctx.client_id],
+        s.schedule,
+        seed=s.config.seed,
+        round_index=ctx.round_index,
+        client_id=ctx.client_id,
+        rank=ctx.rank,
+        memory=ctx.memory,
+    )
+    # the server refuses a non-finite update: the round must not leave its tensors in the memory either
+    context.state[MEMORY] = to_record(ctx.memory if update.non_finite_tensor() is None else kept)
+    content = RecordDict(
+        {
+            "arrays": to_record(s.method.uplink(update)),
+            "metrics": MetricRecord({"num-examples": update.num_examples, "train-loss": update.train_loss}),
+            "config": ConfigRecord(
+                {
+                    "partition-id": ctx.client_id,
+                    "trained": sorted(update.trained if update.trained is not None else s.method.trains),
+                    "scaling": float(update.scaling if update.scaling is not None else ctx.scaling),
+                }
+            ),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """A personalised method's evaluation: this client's own model on its held-out examples."""
+    from fedsubspace.server import evaluate_personal
+
+    s = session(context.run_config)
+    ctx, view = start_round(msg, context, s)
+    result = evaluate_personal(s.exp, s.method, view, ctx)
+    metrics = MetricRecord(
+        {"loss": result.loss, "accuracy": result.accuracy, "num-examples": result.num_examples}
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

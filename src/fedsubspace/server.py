@@ -1,0 +1,243 @@
+"""The server side of a round, shared by the in-process runner and the Flower ServerApp.
+
+A runner gathers a round's client updates its own way (training them in-process, or collecting Flower
+replies) and hands them over as :class:`ClientResults`. :meth:`RoundServer.aggregate` folds them into
+the next global state with the method (a round without usable updates leaves the model unchanged) and
+computes the diagnostics; the runner evaluates the new model (the in-process runner itself, Flower
+centrally or, for personalised methods, on the nodes that hold the clients' memories), and
+:meth:`RoundServer.record` writes the round's metrics line and the best checkpoint. So both runners
+write the same results directory, line for line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedsubspace.diagnostics import round_diagnostics
+from fedsubspace.experiment import Experiment
+from fedsubspace.methods import ClientContext, Method
+from fedsubspace.results import Memories, RunDirectory
+from fedsubspace.scoring import EvalResult, evaluate
+from fedsubspace.state import ClientUpdate, GlobalState
+
+DIAGNOSTIC_KEYS = (
+    "basis_overlap",
+    "update_overlap",
+    "cancellation_ratio",
+    "client_global_cosine",
+    "pairwise_client_cosine",
+    "update_norm",
+    "aggregated_update_norm",
+    "aggregation_error",
+    "principal_angles",
+)
+
+
+def round_line(row: dict[str, Any], num_rounds: int) -> str:
+    def fmt(key: str) -> str:
+        value = row.get(key)
+        return "n/a" if value is None or value != value else f"{value:.4f}"
+
+    return (
+        f"round {row['round']:>3}/{num_rounds}  acc {fmt('eval_accuracy')}  loss {fmt('eval_loss')}  "
+        f"train {fmt('train_loss')}  overlap {fmt('basis_overlap')}  update_overlap {fmt('update_overlap')}  "
+        f"{row['seconds']:.1f}s"
+    )
+
+
+def done_line(summary: dict[str, Any], out: Path) -> str:
+    return (
+        f"done: {summary['method']} on {summary['model']}, seed {summary['seed']}: accuracy "
+        f"{summary['initial_eval_accuracy']:.4f} before training, best {summary['best_eval_accuracy']:.4f} "
+        f"(round {summary['best_round']}), final {summary['final_eval_accuracy']:.4f}; results in {out}"
+    )
+
+
+def client_context(exp: Experiment, memories: Memories, client_id: int, round_index: int) -> ClientContext:
+    rank = exp.client_ranks[client_id]
+    scaling = exp.trainable.adapters[rank].scaling
+    return ClientContext(client_id, round_index, rank, scaling, memories.setdefault(client_id, {}))
+
+
+def evaluate_model(exp: Experiment, method: Method, state: GlobalState, memories: Memories) -> EvalResult:
+    """The global model on the evaluation split; for a personalised method, every client's own model
+    (as it would start its next round) on its held-out examples, pooled in client order."""
+    tm, batch_size = exp.trainable, exp.config.eval_batch_size
+    if not method.personalised:
+        tm.load(state)
+        return evaluate(tm.model, exp.eval, tm.kind, batch_size=batch_size, device=tm.device)
+    assert exp.holdouts is not None
+    return pool(
+        [
+            evaluate_personal(exp, method, state, client_context(exp, memories, client_id, state.round + 1))
+            for client_id in range(len(exp.holdouts))
+        ]
+    )
+
+
+def evaluate_personal(exp: Experiment, method: Method, state: GlobalState, ctx: ClientContext) -> EvalResult:
+    """One client's own model, as it starts round ``ctx.round_index``, on its held-out examples."""
+    assert exp.holdouts is not None
+    tm = exp.trainable
+    tm.activate(ctx.rank)
+    start = method.client_start(state, ctx)
+    tm.load_weights(start.factors, start.head, state.residual)
+    return evaluate(
+        tm.model,
+        exp.holdouts[ctx.client_id],
+        tm.kind,
+        batch_size=exp.config.eval_batch_size,
+        device=tm.device,
+    )
+
+
+def pool(results: list[EvalResult]) -> EvalResult:
+    """Results on disjoint example sets as one, weighted by their sizes (summed in the order given, so
+    that every runner adds the same floats in the same order)."""
+    loss_sum, correct, count = 0.0, 0.0, 0
+    for result in results:
+        loss_sum += result.loss * result.num_examples
+        correct += result.accuracy * result.num_examples
+        count += result.num_examples
+    if count == 0:
+        return EvalResult(loss=float("nan"), accuracy=float("nan"), num_examples=0)
+    return EvalResult(loss=loss_sum / count, accuracy=correct / count, num_examples=count)
+
+
+@dataclass
+class ClientResults:
+    """The clients' side of one round, as a runner collected it.
+
+    ``skipped``: clients whose update the server refused (NaN or Inf, wrong shapes); ``missing``: clients
+    that were selected but sent nothing (Flower: no node holds them, the node died or timed out).
+    ``started`` and ``trained`` are ``time.perf_counter()`` stamps: the round's start, the last update.
+    """
+
+    round_index: int
+    selected: list[int]
+    updates: list[ClientUpdate]
+    bytes_up: int
+    bytes_down: int
+    started: float
+    trained: float
+    skipped: list[int] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Aggregated:
+    clients: ClientResults
+    diagnostics: dict[str, float]
+    aggregated: float
+    diagnosed: float
+
+
+class RoundServer:
+    """The global state and the results directory of one run, advanced one round at a time.
+
+    ``progress`` is what a resumed run needs to carry on (initial, best accuracy and round), JSON-ready.
+    ``log`` receives the round lines and notices (None: silent).
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        run_dir: RunDirectory,
+        state: GlobalState,
+        num_rounds: int,
+        *,
+        progress: dict[str, Any],
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.method, self.run_dir, self.state, self.num_rounds = method, run_dir, state, num_rounds
+        self.progress = progress
+        self.log = log or (lambda _: None)
+        self.row: dict[str, Any] = {}
+        self._pending: _Aggregated | None = None
+
+    @staticmethod
+    def start_progress(initial: EvalResult) -> dict[str, Any]:
+        """The progress of a run that has only evaluated its initial model."""
+        return {"initial": dataclasses.asdict(initial), "best_accuracy": initial.accuracy, "best_round": 0}
+
+    @property
+    def initial(self) -> EvalResult:
+        return EvalResult(**self.progress["initial"])
+
+    def aggregate(self, clients: ClientResults) -> GlobalState:
+        """The next global state from the round's usable updates, weighted by their example counts."""
+        updates = clients.updates
+        diagnostics: dict[str, float] = {}
+        if updates:
+            total = sum(u.num_examples for u in updates)
+            weights = [u.num_examples / total for u in updates]
+            self.state = self.method.aggregate(self.state, updates, weights)
+            aggregated = time.perf_counter()
+            diagnostics = round_diagnostics(updates, weights, self.state)
+        else:
+            self.log(f"round {clients.round_index}: no usable client update; the global model is unchanged")
+            self.state = self.state.next()
+            aggregated = time.perf_counter()
+        self._pending = _Aggregated(clients, diagnostics, aggregated, time.perf_counter())
+        return self.state
+
+    def record(self, result: EvalResult) -> dict[str, Any]:
+        """Write the aggregated round's metrics line (``result``: the new model's evaluation, just done)
+        and, when it is the best so far, the best checkpoint. Returns the line."""
+        assert self._pending is not None, "record() follows aggregate()"
+        pending, self._pending = self._pending, None
+        finished = time.perf_counter()
+        clients, updates = pending.clients, pending.clients.updates
+        total = sum(u.num_examples for u in updates)
+        self.row = {
+            "round": clients.round_index,
+            "selected_clients": clients.selected,
+            "skipped_clients": clients.skipped,
+            "missing_clients": clients.missing,
+            "train_loss": (sum(u.train_loss * u.num_examples for u in updates) / total) if updates else None,
+            "eval_loss": result.loss,
+            "eval_accuracy": result.accuracy,
+            **{key: pending.diagnostics.get(key) for key in DIAGNOSTIC_KEYS},
+            "bytes_up": clients.bytes_up,
+            "bytes_down": clients.bytes_down,
+            "seconds": finished - clients.started,
+            "train_seconds": clients.trained - clients.started,
+            "aggregate_seconds": pending.aggregated - clients.trained,
+            "diagnostics_seconds": pending.diagnosed - pending.aggregated,
+            "eval_seconds": finished - pending.diagnosed,
+        }
+        self.run_dir.append_metrics(self.row)
+        if result.accuracy > self.progress["best_accuracy"]:
+            self.progress.update(best_accuracy=result.accuracy, best_round=clients.round_index)
+            self.run_dir.save_checkpoint("best", self.state)
+        self.log(round_line(self.row, self.num_rounds))
+        return self.row
+
+    def finish(self, exp: Experiment) -> dict[str, Any]:
+        """Write summary.json (and the initial model as the best one if no round beat it)."""
+        config, initial = exp.config, self.initial
+        summary = {
+            "method": config.method,
+            "model": config.model,
+            "seed": config.seed,
+            "num_rounds": config.num_rounds,
+            "initial_eval_accuracy": initial.accuracy,
+            "initial_eval_loss": initial.loss,
+            "best_eval_accuracy": self.progress["best_accuracy"],
+            "best_round": self.progress["best_round"],
+            "final_eval_accuracy": self.row.get("eval_accuracy"),
+            "final_eval_loss": self.row.get("eval_loss"),
+            "final_diagnostics": {key: self.row.get(key) for key in DIAGNOSTIC_KEYS},
+            "eval_examples": initial.num_examples,
+            "evaluation": "personalised" if self.method.personalised else "global",
+            "client_ranks": exp.client_ranks,
+        }
+        if self.progress["best_round"] == 0:
+            self.run_dir.save_checkpoint("best", exp.initial_state)
+        self.run_dir.write_json("summary.json", summary)
+        return summary

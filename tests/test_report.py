@@ -1,0 +1,182 @@
+"""The report on hand-written results directories: every number checked against a hand computation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedsubspace.cli import main
+from fedsubspace.errors import UserError
+from fedsubspace.experiments.report import write_report
+
+
+def metric_row(round_index: int, accuracy: float, **values: float | None) -> dict:
+    row = {
+        "round": round_index,
+        "eval_accuracy": accuracy,
+        "eval_loss": 1.0,
+        "basis_overlap": 0.5,
+        "update_overlap": 0.5,
+        "cancellation_ratio": 0.5,
+        "aggregation_error": 0.0,
+        "bytes_up": 100,
+        "bytes_down": 100,
+        "seconds": 1.0,
+    }
+    return {**row, **values}
+
+
+def write_run(
+    path: Path,
+    method: str,
+    seed: int,
+    rows: list[dict],
+    *,
+    num_rounds: int = 2,
+    summary: dict | None = None,
+    error: str | None = None,
+) -> None:
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(
+        yaml.safe_dump({"method": method, "seed": seed, "num_rounds": num_rounds})
+    )
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if summary is not None:
+        (path / "summary.json").write_text(json.dumps(summary))
+    if error is not None:
+        (path / "error.txt").write_text(error + "\nTraceback (most recent call last): ...\n")
+
+
+def summary(initial: float, best: float, final: float, loss: float, evaluation: str = "global") -> dict:
+    return {
+        "initial_eval_accuracy": initial,
+        "initial_eval_loss": 1.5,
+        "best_eval_accuracy": best,
+        "final_eval_accuracy": final,
+        "final_eval_loss": loss,
+        "evaluation": evaluation,
+    }
+
+
+@pytest.fixture
+def matrix_dir(tmp_path: Path) -> Path:
+    setup = tmp_path / "toy"
+    write_run(
+        setup / "fedavg" / "seed1",
+        "fedavg",
+        1,
+        [metric_row(1, 0.4, cancellation_ratio=0.2), metric_row(2, 0.5, basis_overlap=0.9, bytes_up=300)],
+        summary=summary(0.25, 0.5, 0.5, 1.2),
+    )
+    write_run(
+        setup / "fedavg" / "seed2",
+        "fedavg",
+        2,
+        [metric_row(1, 0.7, cancellation_ratio=0.6), metric_row(2, 0.6, basis_overlap=0.7, seconds=3.0)],
+        summary=summary(0.35, 0.7, 0.6, 1.0),
+    )
+    # finished with seed 1; seed 2 stopped after round 1 of 2: listed, not averaged
+    write_run(
+        setup / "svd" / "seed1",
+        "svd",
+        1,
+        [metric_row(1, 0.3), metric_row(2, 0.45)],
+        summary=summary(0.25, 0.45, 0.45, 1.1),
+    )
+    write_run(setup / "svd" / "seed2", "svd", 2, [metric_row(1, 0.9)])
+    write_run(setup / "flora" / "seed1", "flora", 1, [], error="UserError: out of | patience")
+    # personalised: its initial numbers are on other data and must not become the 'initial' row
+    write_run(
+        setup / "fedsa" / "seed1",
+        "fedsa",
+        1,
+        [metric_row(1, 0.6, update_overlap=None), metric_row(2, 0.8, update_overlap=None)],
+        summary=summary(0.9, 0.8, 0.8, 0.9, evaluation="personalised"),
+    )
+    write_run(
+        setup / "centralized" / "seed1",
+        "fedavg",
+        1,
+        [metric_row(1, 0.5), metric_row(2, 0.55)],
+        summary=summary(0.25, 0.55, 0.55, 1.0),
+    )
+    return tmp_path
+
+
+def read_csv(path: Path) -> dict[str, dict[str, str]]:
+    with path.open() as f:
+        return {row["method"]: row for row in csv.DictReader(f)}
+
+
+def close(text: str, expected: float) -> bool:
+    return math.isclose(float(text), expected, rel_tol=1e-12, abs_tol=1e-12)
+
+
+def test_the_summary_rows_are_the_hand_computed_means_and_deviations(matrix_dir):
+    out = write_report(matrix_dir)
+    rows = read_csv(out / "summary.csv")
+    assert list(rows) == ["initial", "fedavg", "fedsa", "svd", "centralized"]  # references frame the methods
+    fedavg = rows["fedavg"]
+    assert fedavg["seeds"] == "2"
+    assert close(fedavg["best_accuracy_mean"], 0.6) and close(fedavg["best_accuracy_std"], math.sqrt(0.02))
+    assert close(fedavg["final_accuracy_mean"], 0.55) and close(
+        fedavg["final_accuracy_std"], math.sqrt(0.005)
+    )
+    assert close(fedavg["final_eval_loss_mean"], 1.1)
+    assert close(fedavg["final_basis_overlap_mean"], 0.8)  # the last rounds' 0.9 and 0.7
+    # per run the mean over rounds (0.35 and 0.55), then over seeds
+    assert close(fedavg["cancellation_ratio_mean"], 0.45) and close(
+        fedavg["cancellation_ratio_std"], math.sqrt(0.02)
+    )
+    # bytes up + down: run 1 rounds 200 and 400 (mean 300), run 2 200 and 200 (mean 200)
+    assert close(fedavg["bytes_per_round_mean"], 250.0)
+    assert close(fedavg["seconds_per_round_mean"], 1.5)  # runs: 1.0 and 2.0
+    # svd: the finished seed only, so no deviation
+    assert rows["svd"]["seeds"] == "1" and close(rows["svd"]["best_accuracy_mean"], 0.45)
+    assert rows["svd"]["best_accuracy_std"] == ""
+    assert rows["fedsa"]["final_update_overlap_mean"] == ""  # undefined in every round
+    # initial: per seed one globally evaluated run's initial model (seed 1: centralized, seed 2: fedavg)
+    initial = rows["initial"]
+    assert initial["seeds"] == "2" and close(initial["best_accuracy_mean"], 0.3)
+    assert close(initial["final_eval_loss_mean"], 1.5) and initial["final_basis_overlap_mean"] == ""
+    central = rows["centralized"]
+    assert close(central["final_accuracy_mean"], 0.55) and close(central["bytes_per_round_mean"], 200.0)
+    assert (
+        central["final_basis_overlap_mean"] == central["cancellation_ratio_mean"] == ""
+    )  # one client: trivial
+
+
+def test_failed_and_incomplete_runs_are_listed_apart(matrix_dir):
+    out = write_report(matrix_dir)
+    markdown = (out / "summary.md").read_text()
+    listed = markdown.split("## Failed or incomplete runs (not averaged)")[1]
+    assert "| toy/svd/seed2 | incomplete | 1 of 2 rounds |" in listed
+    assert "| toy/flora/seed1 | failed | UserError: out of \\| patience |" in listed
+    table = markdown.split("## Failed")[0]
+    assert "| toy | svd | 1 | 0.4500 |" in table and "flora" not in table
+    assert "| toy | fedavg | 2 | 0.6000 ± 0.1414 |" in table
+
+
+def test_the_html_page_shows_the_tables_and_every_plot(matrix_dir):
+    out = write_report(matrix_dir)
+    page = (out / "index.html").read_text()
+    images = [part.split("'")[0] for part in page.split("<img src='")[1:]]
+    assert images == [
+        f"toy-{name}.png" for name in ("accuracy", "basis_overlap", "update_overlap", "cancellation_ratio")
+    ]
+    for image in images:
+        assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "summary.csv" in page and "toy/svd/seed2" in page and "0.6000 ± 0.1414" in page
+
+
+def test_report_mistakes_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(UserError, match="no results directories"):
+        write_report(tmp_path)
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a directory" in err and len(err.strip().splitlines()) == 1

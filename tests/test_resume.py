@@ -1,0 +1,157 @@
+"""Resume: a run killed at any point and started again writes what an uninterrupted run writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_simulation import FIXTURE, ROOT
+
+from fedsubspace import simulation
+from fedsubspace.cli import main
+from fedsubspace.config import load_config
+from fedsubspace.errors import UserError
+from fedsubspace.results import RunDirectory, read_metrics
+
+TIMING = {"seconds", "train_seconds", "aggregate_seconds", "diagnostics_seconds", "eval_seconds"}
+CONFIG = ROOT / "configs" / "tiny-encoder.yaml"
+# Enough local steps that a round lasts long enough to be killed in its middle.
+SLOW = [f"dataset={FIXTURE}", "num_rounds=3", "max_local_steps=30", "max_eval_samples=32"]
+FAST = [f"dataset={FIXTURE}", "num_rounds=3", "max_local_steps=2", "max_eval_samples=16"]
+
+
+def strip(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def checkpoint_round(path: Path) -> int | None:
+    try:
+        return json.loads(metadata(path / "checkpoints" / "last.safetensors")["round"])
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
+    assert strip(read_metrics(resumed)) == strip(read_metrics(uninterrupted))
+    assert json.loads((resumed / "summary.json").read_text()) == json.loads(
+        (uninterrupted / "summary.json").read_text()
+    )
+    for name in ("last", "best"):
+        a, b = (load_file(str(p / "checkpoints" / f"{name}.safetensors")) for p in (resumed, uninterrupted))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].equal(b[key]), f"{name}.safetensors: {key} differs"
+        # the progress (best, initial, ledger) too; safetensors orders metadata at random, so compare dicts
+        a_meta, b_meta = (
+            metadata(p / "checkpoints" / f"{name}.safetensors") for p in (resumed, uninterrupted)
+        )
+        assert a_meta == b_meta
+
+
+def kill_mid_round(argv: list[str], out: Path) -> None:
+    """Start ``fedsubspace run`` in a subprocess and SIGKILL it in the middle of a round after round 1."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "fedsubspace.cli", *argv], env=env)
+    try:
+        deadline = time.monotonic() + 600  # a shared machine may starve the run for long
+        while (checkpoint_round(out) or 0) < 1:  # round 1 committed: round 2 is under way
+            assert process.poll() is None, "the run ended before round 2"
+            assert time.monotonic() < deadline, "round 1 never finished"
+            time.sleep(0.02)
+        time.sleep(0.3 * read_metrics(out)[0]["seconds"])
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    # the kill landed inside a round: the rounds before it are committed, the run is not finished, and
+    # the round's line is not written (or, if the kill hit the moment between it and the commit, it is)
+    completed = checkpoint_round(out)
+    assert completed is not None and 1 <= completed < 3 and not (out / "summary.json").exists()
+    written = [r["round"] for r in read_metrics(out)]
+    assert written in (list(range(1, completed + 1)), list(range(1, completed + 2)))
+
+
+@pytest.mark.parametrize("method", ["subspace_reg", "fedsa", "fedex"])
+def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_result(tmp_path, method):
+    config = load_config(CONFIG, SLOW, method=method)
+    simulation.run(config, tmp_path / "uninterrupted", progress=False)
+    out = tmp_path / "killed"
+    argv = ["run", "--config", str(CONFIG), "--method", method, "--out", str(out), "--quiet"]
+    argv += [arg for setting in SLOW for arg in ("--set", setting)]
+    kill_mid_round(argv, out)
+    if method == "subspace_reg":  # through the command line once; in-process for the others
+        assert main([*argv, "--resume"]) == 0
+    else:
+        simulation.run(config, out, resume=True, progress=False)
+    assert_same_run(out, tmp_path / "uninterrupted")
+
+
+@pytest.mark.parametrize("method", ["fedgalore", "flora", "fedsa"])
+def test_a_crash_between_the_metrics_line_and_the_checkpoint_drops_that_line(tmp_path, monkeypatch, method):
+    config = load_config(CONFIG, FAST, method=method)
+    simulation.run(config, tmp_path / "uninterrupted", progress=False)
+    real = RunDirectory.save_resume_point
+
+    def crash_in_round_two(self, state, memories, progress):
+        if state.round == 2:
+            raise KeyboardInterrupt  # round 2's metrics line is on disk, its checkpoint is not
+        real(self, state, memories, progress)
+
+    out = tmp_path / "crashed"
+    monkeypatch.setattr(RunDirectory, "save_resume_point", crash_in_round_two)
+    with pytest.raises(KeyboardInterrupt):
+        simulation.run(config, out, progress=False)
+    monkeypatch.undo()
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"round": 3, "selected_cli')  # and a line torn by a kill mid-append
+    assert (out / "metrics.jsonl").read_text().count("\n") == 2 and checkpoint_round(out) == 1
+    simulation.run(config, out, resume=True, progress=False)
+    assert_same_run(out, tmp_path / "uninterrupted")
+
+
+def test_resume_refuses_another_config_and_run_points_to_resume(tmp_path, capsys):
+    base = ["run", "--config", str(CONFIG), "--out", str(tmp_path), "--quiet", "--method", "fedavg"]
+    base += [arg for setting in FAST for arg in ("--set", setting)]
+    config = load_config(CONFIG, FAST, method="fedavg")
+    real = RunDirectory.save_resume_point
+
+    def crash_after_round_one(self, state, memories, progress):
+        real(self, state, memories, progress)
+        if state.round == 1:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RunDirectory, "save_resume_point", crash_after_round_one)
+        with pytest.raises(KeyboardInterrupt):
+            simulation.run(config, tmp_path, progress=False)
+
+    def one_line_error(argv: list[str]) -> str:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        return err
+
+    assert "holds an unfinished run; pass --resume to continue it" in one_line_error(base)
+    err = one_line_error([*base, "--resume", "--set", "learning_rate=0.5"])
+    assert "another config (learning_rate was 0.001, now 0.5)" in err
+    assert "pass one of them" in one_line_error([*base, "--resume", "--overwrite"])
+    assert main([*base, "--resume"]) == 0
+    assert [r["round"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    capsys.readouterr()
+    assert main([*base, "--resume"]) == 0  # a finished run: nothing left to do
+    assert "done: fedavg" in capsys.readouterr().out
+    assert "already holds a finished run" in one_line_error(base)
+    with pytest.raises(UserError, match="another config"):
+        simulation.run(load_config(CONFIG, FAST, method="svd"), tmp_path, resume=True, progress=False)
