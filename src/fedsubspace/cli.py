@@ -20,16 +20,13 @@ def default_out(model: str, method: str, seed: int) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedsubspace.config import load_config
+    from fedsubspace.server import done_line
     from fedsubspace.simulation import run
 
     config = load_config(args.config, args.set, method=args.method, seed=args.seed)
     out = args.out or default_out(config.model, config.method, config.seed)
     summary = run(config, out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
-    print(
-        f"done: {config.method} on {config.model}, seed {config.seed}: accuracy "
-        f"{summary['initial_eval_accuracy']:.4f} before training, best {summary['best_eval_accuracy']:.4f} "
-        f"(round {summary['best_round']}), final {summary['final_eval_accuracy']:.4f}; results in {out}"
-    )
+    print(done_line(summary, out))
     return 0
 
 

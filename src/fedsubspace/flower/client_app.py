@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedsubspace.errors import UserError
-from fedsubspace.flower.settings import FlowerSettings
+from fedsubspace.flower.settings import FlowerSettings, config_digest
 
 # Every message starts a new ClientApp process: the query that maps nodes to clients must not pay for
 # importing torch and transformers, so the training stack is imported by the handlers that use it.
@@ -111,17 +111,24 @@ def start_round(msg: Message, context: Context, s: Session) -> tuple[ClientConte
             f"this node holds partition {client} of {count}; the server asked for client "
             f"{config['partition-id']} of {s.config.num_clients}"
         )
+    if config["config-digest"] != config_digest(s.config):
+        raise UserError(
+            "this node's experiment config differs from the server's: check config-file and the paths "
+            "it names on this machine"
+        )
     memory = from_record(context.state.array_records.get(MEMORY, ArrayRecord()))
     ctx = client_context(s.exp, {client: memory}, client, int(config["server-round"]))  # type: ignore[arg-type]
     view = s.method.client_view(from_record(msg.content["arrays"]), s.exp.initial_state, ctx)
     if "residual" in msg.content:
         since = residual_round(context)
-        if since != config["residual-from"]:
+        # a catch-up from an earlier round is fine (the server missed this node's last reply): the
+        # rounds the node has already are skipped; one from a later round cannot be applied
+        if config["residual-from"] > since:  # type: ignore[operator]
             raise RuntimeError(
                 f"merged weights current with round {since}, catch-up from {config['residual-from']}"
             )
         held = from_record(context.state.array_records.get(RESIDUAL, ArrayRecord()))
-        residual = apply_catch_up(held, from_record(msg.content["residual"]))
+        residual = apply_catch_up(held, from_record(msg.content["residual"]), since)
         context.state[RESIDUAL] = to_record(residual)
         context.state[SYNC] = ConfigRecord({"residual-round": view.round})
         view.residual = residual

@@ -88,7 +88,6 @@ class LocalFederation:
         self.num_nodes, self.home, self.cwd = num_nodes, home, cwd or Path.cwd()
         self.logs = home / "logs"
         self.port = 0
-        self.link: subprocess.Popen | None = None
         self.nodes: dict[int, subprocess.Popen] = {}
         self.started: list[subprocess.Popen] = []
         self.seen: set[Identity] = set()  # every process of the family ever observed
@@ -139,7 +138,7 @@ class LocalFederation:
             '[superlink]\ndefault = "local"\n\n[superlink.local]\n'
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
-        self.link = self._spawn(
+        link = self._spawn(
             "superlink",
             [
                 flower_bin("flower-superlink"),
@@ -151,7 +150,7 @@ class LocalFederation:
                 str(self.port),
             ],
         )
-        self._wait_for_port(self.port, self.link, timeout=120.0)
+        self._wait_for_port(self.port, link, timeout=120.0)
         for node in range(self.num_nodes):
             self.start_node(node)
 
@@ -253,16 +252,17 @@ class LocalFederation:
         return {pid: table[pid][2] for pid in members}
 
     def _reap(self, deadline: float) -> list[int]:
-        """Wait until the family is gone, reaping those that are our children; the pids still running
-        at ``deadline``."""
+        """Wait until the family is gone, reaping those that are our children (zombies too: orphans
+        come back here a moment after their parent died); the pids still running at ``deadline``."""
         while True:
             for process in self.started:
                 process.poll()
             for pid in self.family():
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
-            alive = [pid for pid, state in self.family().items() if state != "Z"]
-            if not alive or time.monotonic() >= deadline:
+            family = self.family()
+            alive = [pid for pid, state in family.items() if state != "Z"]
+            if not family or time.monotonic() >= deadline:
                 return alive
             time.sleep(0.2)
 
@@ -270,9 +270,12 @@ class LocalFederation:
         """Stop every process of the federation; returns the pids that could not be stopped (none)."""
         alive: list[int] = []
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for process in self.started:  # whole groups first: that also reaches processes just started
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(process.pid, sig)
+            # whole groups first, which also reaches processes started a moment ago; only groups whose
+            # leader still runs: the number of a group that is gone may belong to another one by now
+            for process in self.started:
+                if process.poll() is None:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(process.pid, sig)
             for pid in [pid for pid, state in self.family().items() if state != "Z"]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)

@@ -176,9 +176,12 @@ class MergeHistory:
         return payload
 
 
-def apply_catch_up(residual: Mapping[str, Tensor], payload: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A node's residual brought up to date by :meth:`MergeHistory.catch_up`: dense modules replaced,
-    factored ones replayed round by round with the server's own update rule."""
+def apply_catch_up(
+    residual: Mapping[str, Tensor], payload: Mapping[str, Tensor], since: int
+) -> dict[str, Tensor]:
+    """A node's residual, current with round ``since``, brought up to date by
+    :meth:`MergeHistory.catch_up`: dense modules replaced, the merges of later rounds replayed in order
+    with the server's own update rule."""
     current = dict(residual)
     sides: dict[str, dict[tuple[int, str], Tensor]] = {"left": {}, "right": {}}
     for key, tensor in payload.items():
@@ -188,7 +191,7 @@ def apply_catch_up(residual: Mapping[str, Tensor], payload: Mapping[str, Tensor]
         else:
             round_text, side, module = rest.split("/", 2)
             sides[side][int(round_text), module] = tensor
-    for t in sorted({t for t, _ in sides["left"]}):
+    for t in sorted({t for t, _ in sides["left"] if t > since}):
         merges = {
             module: (left, sides["right"][t, module]) for (r, module), left in sides["left"].items() if r == t
         }

@@ -42,7 +42,7 @@ from fedsubspace.flower.payload import (
     to_record,
     update_from_upload,
 )
-from fedsubspace.flower.settings import FlowerSettings
+from fedsubspace.flower.settings import FlowerSettings, config_digest
 from fedsubspace.methods import ClientContext, Method, get_method
 from fedsubspace.results import RunDirectory
 from fedsubspace.scoring import EvalResult
@@ -123,16 +123,18 @@ class SubspaceStrategy(FedAvg):
             time.sleep(1.0)
 
     def query(self, grid: Grid, nodes: list[int]) -> None:
-        content = RecordDict({"config": ConfigRecord({"num-clients": self.config.num_clients})})
-        messages = [Message(content, node, MessageType.QUERY, ttl=QUERY_TIMEOUT) for node in nodes]
-        for reply in grid.send_and_receive(messages, timeout=QUERY_TIMEOUT):
-            node = reply.metadata.src_node_id
+        messages = [Message(RecordDict(), node, MessageType.QUERY, ttl=QUERY_TIMEOUT) for node in nodes]
+        replies = grid.send_and_receive(messages, timeout=QUERY_TIMEOUT)
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        for reply in replies:  # a node that does not answer in time is asked again before the next round
+            node = asked[reply.metadata.reply_to_message_id]
             if reply.has_error():
-                # a node that left before answering is asked again when it comes back
+                log(ERROR, "node %s cannot say which client it holds, ignored: %s", node, reply.error.reason)
+                self.ignored.add(node)
                 continue
             answer = reply.content["node"]
-            client, partitions = int(answer["partition-id"]), int(answer["num-partitions"])
-            if partitions != self.config.num_clients or not 0 <= client < partitions:
+            client, partitions = int(answer["partition-id"]), int(answer["num-partitions"])  # type: ignore[arg-type]
+            if partitions != self.config.num_clients:
                 log(
                     ERROR,
                     "node %s holds partition %s of %s, but this run has num_clients=%s: ignored",
@@ -144,9 +146,10 @@ class SubspaceStrategy(FedAvg):
                 self.ignored.add(node)
                 continue
             previous = self.holders().get(client)
-            info(f"node {node} holds client {client}" + (f" (replacing node {previous})" if previous else ""))
+            replacing = "" if previous is None else f" (replacing node {previous})"
+            info(f"node {node} holds client {client}{replacing}")
             self.nodes[node] = client
-            self.synced[node] = int(answer["residual-round"])
+            self.synced[node] = int(answer["residual-round"])  # type: ignore[arg-type]
 
     # --- messages ---------------------------------------------------------------------------------
 
@@ -162,7 +165,7 @@ class SubspaceStrategy(FedAvg):
                     {
                         "server-round": ctx.round_index,
                         "partition-id": ctx.client_id,
-                        "rank": ctx.rank,
+                        "config-digest": config_digest(self.config),
                         "residual-from": since,
                     }
                 ),

@@ -12,6 +12,7 @@ directory its SuperLink or SuperNode was started in.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ def app_definition() -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class FlowerSettings:
+    """A Flower run's experiment config and the federation's knobs, from its run config."""
+
     config: ExperimentConfig
     out: Path
     overwrite: bool
@@ -94,6 +97,12 @@ class FlowerSettings:
         if settings.round_timeout <= 0 or settings.node_timeout < 0:
             raise UserError("round-timeout must be positive and node-timeout not negative")
         return settings
+
+
+def config_digest(config: ExperimentConfig) -> str:
+    """A short fingerprint of a config: a node refuses to train for a server whose config differs (each
+    machine reads its own config file and paths)."""
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def experiment_overrides(run_config: Mapping[str, Value]) -> list[str]:
