@@ -25,7 +25,7 @@ from fedsubspace.state import ClientUpdate, GlobalState
 
 Tensor = torch.Tensor
 
-__all__ = ["Adapter", "LocalSchedule", "TrainableModel", "example_stream", "stream_seed", "train_client"]
+__all__ = ["Adapter", "TrainableModel", "example_stream", "train_client"]
 
 
 @dataclass

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel
 
-from fedsubspace.client import Adapter, LocalSchedule, TrainableModel
+from fedsubspace.client import Adapter, TrainableModel
 from fedsubspace.config import ExperimentConfig, client_ranks
 from fedsubspace.data import FieldMap, load_multiple_choice, partition_indices, partition_stats
 from fedsubspace.errors import UserError
-from fedsubspace.methods import METHODS, MethodOptions
+from fedsubspace.methods import METHODS, LocalSchedule, MethodOptions
 from fedsubspace.models import (
     add_lora,
     head_parameters,

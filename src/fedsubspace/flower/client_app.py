@@ -30,10 +30,9 @@ from fedsubspace.flower.settings import FlowerSettings, config_digest
 # Every message starts a new ClientApp process: the query that maps nodes to clients must not pay for
 # importing torch and transformers, so the training stack is imported by the handlers that use it.
 if TYPE_CHECKING:
-    from fedsubspace.client import LocalSchedule
     from fedsubspace.config import ExperimentConfig
     from fedsubspace.experiment import Experiment
-    from fedsubspace.methods import ClientContext, Method
+    from fedsubspace.methods import ClientContext, LocalSchedule, Method
     from fedsubspace.state import GlobalState
 
 MEMORY = "fedsubspace.memory"  # node state: the client's private tensors
