@@ -18,6 +18,7 @@ from test_simulation import FIXTURE, ROOT
 from fedsubspace import simulation
 from fedsubspace.cli import main
 from fedsubspace.config import load_config
+from fedsubspace.demo import run_demo
 from fedsubspace.errors import UserError
 from fedsubspace.results import RunDirectory, read_metrics
 
@@ -155,3 +156,30 @@ def test_resume_refuses_another_config_and_run_points_to_resume(tmp_path, capsys
     assert "already holds a finished run" in one_line_error(base)
     with pytest.raises(UserError, match="another config"):
         simulation.run(load_config(CONFIG, FAST, method="svd"), tmp_path, resume=True, progress=False)
+
+
+def test_demo_resumes_its_unfinished_run_and_restarts_one_of_another_config(tmp_path, capsys):
+    config = load_config(CONFIG, FAST)
+    real = RunDirectory.save_resume_point
+
+    def crash_after_round_two(self, state, memories, progress):
+        real(self, state, memories, progress)
+        if state.round == 2:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RunDirectory, "save_resume_point", crash_after_round_two)
+        with pytest.raises(KeyboardInterrupt):
+            run_demo(config, ["fedavg"], tmp_path)
+    assert checkpoint_round(tmp_path / "fedavg") == 2
+    table = run_demo(config, ["fedavg"], tmp_path)
+    assert "resuming the unfinished run" in capsys.readouterr().out
+    simulation.run(load_config(CONFIG, FAST, method="fedavg"), tmp_path / "uninterrupted", progress=False)
+    assert_same_run(tmp_path / "fedavg", tmp_path / "uninterrupted")
+    assert len(table.splitlines()) == 1 + 1 + 3  # header, round 0, three rounds
+
+    assert run_demo(config, ["fedavg"], tmp_path) == table
+    assert "reusing the finished run" in capsys.readouterr().out
+    run_demo(load_config(CONFIG, [*FAST, "num_rounds=2"]), ["fedavg"], tmp_path)
+    assert "running into" in capsys.readouterr().out
+    assert [r["round"] for r in read_metrics(tmp_path / "fedavg")] == [1, 2]
