@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,21 @@ def strip(rows: list[dict]) -> list[dict]:
 def metadata(path: Path) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as f:
         return f.metadata()
+
+
+@contextmanager
+def crash_after_round(last: int) -> Iterator[None]:
+    """A KeyboardInterrupt right after round ``last``'s checkpoint is written."""
+    real = RunDirectory.save_resume_point
+
+    def crash(self, state, memories, progress):
+        real(self, state, memories, progress)
+        if state.round == last:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RunDirectory, "save_resume_point", crash)
+        yield
 
 
 def checkpoint_round(path: Path) -> int | None:
@@ -126,17 +143,8 @@ def test_resume_refuses_another_config_and_run_points_to_resume(tmp_path, capsys
     base = ["run", "--config", str(CONFIG), "--out", str(tmp_path), "--quiet", "--method", "fedavg"]
     base += [arg for setting in FAST for arg in ("--set", setting)]
     config = load_config(CONFIG, FAST, method="fedavg")
-    real = RunDirectory.save_resume_point
-
-    def crash_after_round_one(self, state, memories, progress):
-        real(self, state, memories, progress)
-        if state.round == 1:
-            raise KeyboardInterrupt
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(RunDirectory, "save_resume_point", crash_after_round_one)
-        with pytest.raises(KeyboardInterrupt):
-            simulation.run(config, tmp_path, progress=False)
+    with crash_after_round(1), pytest.raises(KeyboardInterrupt):
+        simulation.run(config, tmp_path, progress=False)
 
     def one_line_error(argv: list[str]) -> str:
         assert main(argv) == 2
@@ -160,17 +168,8 @@ def test_resume_refuses_another_config_and_run_points_to_resume(tmp_path, capsys
 
 def test_demo_resumes_its_unfinished_run_and_restarts_one_of_another_config(tmp_path, capsys):
     config = load_config(CONFIG, FAST)
-    real = RunDirectory.save_resume_point
-
-    def crash_after_round_two(self, state, memories, progress):
-        real(self, state, memories, progress)
-        if state.round == 2:
-            raise KeyboardInterrupt
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(RunDirectory, "save_resume_point", crash_after_round_two)
-        with pytest.raises(KeyboardInterrupt):
-            run_demo(config, ["fedavg"], tmp_path)
+    with crash_after_round(2), pytest.raises(KeyboardInterrupt):
+        run_demo(config, ["fedavg"], tmp_path)
     assert checkpoint_round(tmp_path / "fedavg") == 2
     table = run_demo(config, ["fedavg"], tmp_path)
     assert "resuming the unfinished run" in capsys.readouterr().out
