@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
 from fedsubspace.config import ExperimentConfig, build_config
-from fedsubspace.results import config_difference, read_metrics
+from fedsubspace.results import read_metrics, written_config_difference
 from fedsubspace.simulation import run
 
 COLUMNS = (
@@ -55,9 +53,8 @@ def run_demo(config: ExperimentConfig, methods: list[str], out: Path) -> str:
         method_config = build_config({**config.to_dict(), "method": method})
         run_dir = out / method
         run_dirs[method] = run_dir
-        written = run_dir / "config.yaml"
-        same = written.exists() and (
-            config_difference(yaml.safe_load(written.read_text()) or {}, method_config.to_dict()) is None
+        same = (run_dir / "config.yaml").exists() and (
+            written_config_difference(run_dir, method_config.to_dict()) is None
         )
         if same and (run_dir / "summary.json").exists():
             print(f"{method}: reusing the finished run in {run_dir}")

@@ -64,12 +64,17 @@ def config_difference(before: dict[str, Any], now: dict[str, Any]) -> str | None
     return None
 
 
-def check_same_config(path: Path, config: dict[str, Any]) -> None:
-    """Refuse to continue the run in ``path`` with a config other than the one it was started with."""
+def written_config_difference(path: Path, config: dict[str, Any]) -> str | None:
+    """How ``config`` differs from the one the run in ``path`` was started with (None: same, or no run)."""
     written = path / "config.yaml"
     if not written.exists():
-        return
-    difference = config_difference(yaml.safe_load(written.read_text()) or {}, config)
+        return None
+    return config_difference(yaml.safe_load(written.read_text()) or {}, config)
+
+
+def check_same_config(path: Path, config: dict[str, Any]) -> None:
+    """Refuse to continue the run in ``path`` with a config other than the one it was started with."""
+    difference = written_config_difference(path, config)
     if difference is not None:
         raise UserError(
             f"{path} holds a run of another config ({difference}); "
