@@ -151,6 +151,19 @@ def test_the_summary_rows_are_the_hand_computed_means_and_deviations(matrix_dir)
     )  # one client: trivial
 
 
+def test_seconds_per_round_is_a_runs_median_so_a_paused_round_does_not_move_it(tmp_path):
+    rows = [
+        metric_row(1, 0.5, seconds=2.0, cancellation_ratio=0.1),
+        metric_row(2, 0.5, seconds=600.0, cancellation_ratio=0.2),
+        metric_row(3, 0.5, seconds=4.0, cancellation_ratio=0.9),
+    ]
+    run = tmp_path / "toy" / "fedavg" / "seed1"
+    write_run(run, "fedavg", 1, rows, num_rounds=3, summary=summary(0.25, 0.5, 0.5, 1.0))
+    fedavg = read_csv(write_report(tmp_path) / "summary.csv")["fedavg"]
+    assert close(fedavg["seconds_per_round_mean"], 4.0)
+    assert close(fedavg["cancellation_ratio_mean"], 0.4)  # the other per-round numbers stay means
+
+
 def test_failed_and_incomplete_runs_are_listed_apart(matrix_dir):
     out = write_report(matrix_dir)
     markdown = (out / "summary.md").read_text()

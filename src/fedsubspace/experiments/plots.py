@@ -61,7 +61,8 @@ def _draw(ax: Axes, values: np.ndarray, first_round: int, label: str, colour: An
     if np.isnan(mean).all():
         return
     rounds = np.arange(first_round, first_round + values.shape[1])
-    ax.plot(rounds, mean, marker="o", markersize=3, color=colour, label=f"{label} ({len(values)} seeds)")
+    seeds = f"{len(values)} seed" + ("s" if len(values) > 1 else "")
+    ax.plot(rounds, mean, marker="o", markersize=3, color=colour, label=f"{label} ({seeds})")
     if std is not None:
         ax.fill_between(rounds, mean - std, mean + std, color=colour, alpha=0.15, linewidth=0)
 

@@ -26,14 +26,17 @@ def _last(key: str) -> Callable[[RunRecord], float | None]:
     return lambda run: run.rows[-1].get(key) if run.rows else None
 
 
-def _per_round(value: Callable[[dict[str, Any]], float | None]) -> Callable[[RunRecord], float | None]:
-    """The mean over a run's rounds of ``value`` (rounds where it is undefined left out)."""
+def _per_round(
+    value: Callable[[dict[str, Any]], float | None],
+    reduce: Callable[[list[float]], float] = statistics.fmean,
+) -> Callable[[RunRecord], float | None]:
+    """``reduce`` (the mean) over a run's rounds of ``value`` (rounds where it is undefined left out)."""
 
-    def mean(run: RunRecord) -> float | None:
+    def over_rounds(run: RunRecord) -> float | None:
         values = [v for v in map(value, run.rows) if v is not None]
-        return statistics.fmean(values) if values else None
+        return reduce(values) if values else None
 
-    return mean
+    return over_rounds
 
 
 def _summary(key: str) -> Callable[[RunRecord], float | None]:
@@ -57,7 +60,10 @@ METRICS = (
     Metric("cancellation_ratio", "cancellation ratio", _per_round(lambda r: r.get("cancellation_ratio")), 4),
     Metric("aggregation_error", "aggregation error", _per_round(lambda r: r.get("aggregation_error")), 4),
     Metric("bytes_per_round", "bytes / round", _per_round(lambda r: r["bytes_up"] + r["bytes_down"]), 0),
-    Metric("seconds_per_round", "seconds / round", _per_round(lambda r: r.get("seconds")), 2),
+    # the median: a round during which the machine was paused or shared must not move a run's figure
+    Metric(
+        "seconds_per_round", "seconds / round", _per_round(lambda r: r.get("seconds"), statistics.median), 2
+    ),
 )
 # The model before training has an accuracy and a loss only.
 INITIAL_METRICS: dict[str, Callable[[RunRecord], float | None]] = {
@@ -74,7 +80,8 @@ CENTRALIZED_METRICS = {
 DEFINITIONS = (
     "Mean ± sample standard deviation over seeds (finished runs only). Accuracy and loss on the "
     "evaluation split (fedsa: each client's own model on its held-out data). Overlaps: the last round's. "
-    "Cancellation ratio, aggregation error, bytes (up + down) and seconds: the mean over a run's rounds. "
+    "Cancellation ratio, aggregation error and bytes (up + down): the mean over a run's rounds; "
+    "seconds: the median over a run's rounds. "
     f"'{INITIAL}': the model before training (from the runs' summaries; no run of its own). "
     f"'{CENTRALIZED}': one client holding all the training data, trained as fedavg for as many "
     "forward/backward passes as the federation's sampled clients make in total, round by round "
