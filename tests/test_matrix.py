@@ -6,6 +6,9 @@ import csv
 import json
 import shutil
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -156,3 +159,31 @@ def test_the_centralized_reference_makes_as_many_local_passes_as_the_federation(
     assert central.client_ranks is None and central.lora_rank == 8  # the global rank
     assert (central.batch_size, central.learning_rate) == (config.batch_size, config.learning_rate)
     assert central.tags == ["centralized"]
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended; only its parent's wait is due
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
+def test_the_workers_of_a_killed_matrix_end_instead_of_running_on():
+    matrix = (
+        "import os, time\n"
+        "from fedsubspace.experiments.matrix import _pool\n"
+        "pool = _pool(1)\n"
+        "print(pool.submit(os.getpid).result(), flush=True)\n"
+        "pool.submit(time.sleep, 600)\n"  # a run under way
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", matrix], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    parent.kill()  # SIGKILL: the matrix gets no chance to stop its workers
+    parent.wait()
+    deadline = time.monotonic() + 60
+    while alive(worker):
+        assert time.monotonic() < deadline, "the worker outlived its matrix"
+        time.sleep(0.1)

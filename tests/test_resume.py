@@ -29,6 +29,15 @@ CONFIG = ROOT / "configs" / "tiny-encoder.yaml"
 # Enough local steps that a round lasts long enough to be killed in its middle.
 SLOW = [f"dataset={FIXTURE}", "num_rounds=3", "max_local_steps=30", "max_eval_samples=32"]
 FAST = [f"dataset={FIXTURE}", "num_rounds=3", "max_local_steps=2", "max_eval_samples=16"]
+# Another process running the results directory argv[1].
+HOLD_RUN = (
+    "import sys, time\n"
+    "from pathlib import Path\n"
+    "from fedsubspace.results import claim\n"
+    "with claim(Path(sys.argv[1])):\n"
+    "    print('held', flush=True)\n"
+    "    time.sleep(600)\n"
+)
 
 
 def strip(rows: list[dict]) -> list[dict]:
@@ -164,6 +173,25 @@ def test_resume_refuses_another_config_and_run_points_to_resume(tmp_path, capsys
     assert "already holds a finished run" in one_line_error(base)
     with pytest.raises(UserError, match="another config"):
         simulation.run(load_config(CONFIG, FAST, method="svd"), tmp_path, resume=True, progress=False)
+
+
+def test_a_run_another_process_holds_is_refused_until_that_process_ends(tmp_path, capsys):
+    argv = ["run", "--config", str(CONFIG), "--out", str(tmp_path), "--quiet", "--resume"]
+    argv += [arg for setting in FAST for arg in ("--set", setting)]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_RUN, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "is being run by another process" in err and "Traceback" not in err
+        assert not (tmp_path / "metrics.jsonl").exists()
+    finally:
+        holder.kill()  # SIGKILL leaves the lock file behind, but no lock
+        holder.wait()
+    assert main(argv) == 0
+    assert [r["round"] for r in read_metrics(tmp_path)] == [1, 2, 3]
 
 
 def test_demo_resumes_its_unfinished_run_and_restarts_one_of_another_config(tmp_path, capsys):

@@ -15,19 +15,40 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from filelock import FileLock, Timeout
 
 from fedsubspace.errors import UserError
 from fedsubspace.state import GlobalState, load_sidecar, load_state, save_state
 
 ERROR = "error.txt"  # why a run failed, written by the matrix runner
 OWNED = ("config.yaml", "partition_stats.json", "metrics.jsonl", "summary.json", "checkpoints", ERROR)
+LOCK = "run.lock"
 Memories = dict[int, dict[str, torch.Tensor]]  # client -> the tensors it keeps between its rounds
+
+
+@contextmanager
+def claim(path: Path) -> Iterator[None]:
+    """Hold the run in ``path`` for this process: two processes running one results directory would
+    interleave their rounds and checkpoints. The operating system drops the lock with its process, so a
+    killed run never leaves its directory locked."""
+    path.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path / LOCK, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"{path} is being run by another process; wait for it to end or stop it") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @dataclass

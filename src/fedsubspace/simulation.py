@@ -30,7 +30,7 @@ from fedsubspace.client import train_client
 from fedsubspace.config import ExperimentConfig
 from fedsubspace.experiment import local_schedule, method_options, prepare, sample_clients
 from fedsubspace.methods import get_method
-from fedsubspace.results import Memories, ResumePoint, RunDirectory, read_metrics
+from fedsubspace.results import Memories, ResumePoint, RunDirectory, claim, read_metrics
 from fedsubspace.server import ClientResults, RoundServer, client_context, evaluate_model
 from fedsubspace.state import GlobalState, MergeLedger, payload_bytes
 
@@ -58,7 +58,15 @@ def run(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run ``config`` into the results directory ``out``; with ``resume``, continue the run there from
-    its last completed round (a finished one is returned as it is). Returns the summary."""
+    its last completed round (a finished one is returned as it is). Returns the summary. A directory
+    another process is running is refused (UserError)."""
+    with claim(out):
+        return _run(config, out, overwrite=overwrite, resume=resume, progress=progress)
+
+
+def _run(
+    config: ExperimentConfig, out: Path, *, overwrite: bool, resume: bool, progress: bool
+) -> dict[str, Any]:
     run_dir = RunDirectory(out, overwrite=overwrite, resume=resume)
     run_dir.write_config(config.to_dict())
     if run_dir.finished:

@@ -3,7 +3,9 @@
 Runs execute in worker processes (``jobs`` at once; one by default), each a ``run(..., resume=True)``:
 a finished run is skipped, an interrupted one continues after its last completed round. A run that
 raises is recorded in its ``error.txt`` and the matrix goes on; a worker process that dies (killed, out
-of memory) fails the runs it was executing, which a second invocation resumes. Every config is built
+of memory) fails the runs it was executing, which a second invocation resumes. Workers end with the
+matrix however it ends, and a run holds its directory (:func:`fedsubspace.results.claim`), so no two
+processes ever write one run. Every config is built
 and validated, and every existing results directory checked against it, before any run starts.
 
 The centralized reference (``references``): per config and seed, one client holding all the training
@@ -19,6 +21,7 @@ window is not repeated k times). Mixed client ranks become the global (largest) 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import traceback
 from collections import deque
@@ -131,9 +134,19 @@ def execute(config: dict[str, Any], path: str) -> str:
     )
 
 
-def _limit_threads(threads: int | None) -> None:
+def _start_worker(threads: int | None) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
+    # A matrix stopped by SIGTERM or SIGKILL cannot stop its workers; orphaned, they would go on
+    # writing runs that the next invocation resumes. So each worker ends itself with its parent.
+    parent = os.getppid()
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(POLL_SECONDS)
+    os._exit(1)  # the run's last completed round is committed; the round under way is lost
 
 
 def _pool(jobs: int) -> ProcessPoolExecutor:
@@ -141,7 +154,7 @@ def _pool(jobs: int) -> ProcessPoolExecutor:
     threads = None if "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // jobs)
     # spawn: a fresh interpreter per worker; forking a process that holds torch's thread pools is unsafe
     return ProcessPoolExecutor(
-        jobs, mp_context=get_context("spawn"), initializer=_limit_threads, initargs=(threads,)
+        jobs, mp_context=get_context("spawn"), initializer=_start_worker, initargs=(threads,)
     )
 
 
