@@ -34,6 +34,10 @@ LOCK = "run.lock"
 Memories = dict[int, dict[str, torch.Tensor]]  # client -> the tensors it keeps between its rounds
 
 
+class RunBusy(UserError):
+    """Another process is running this results directory."""
+
+
 @contextmanager
 def claim(path: Path) -> Iterator[None]:
     """Hold the run in ``path`` for this process: two processes running one results directory would
@@ -44,7 +48,7 @@ def claim(path: Path) -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout:
-        raise UserError(f"{path} is being run by another process; wait for it to end or stop it") from None
+        raise RunBusy(f"{path} is being run by another process; wait for it to end or stop it") from None
     try:
         yield
     finally:

@@ -39,7 +39,7 @@ from fedsubspace.config import ExperimentConfig, build_config, client_ranks, loa
 from fedsubspace.errors import UserError
 from fedsubspace.experiment import clients_per_round
 from fedsubspace.experiments.layout import CENTRALIZED, Status, run_path, status
-from fedsubspace.results import ERROR, check_same_config
+from fedsubspace.results import ERROR, RunBusy, check_same_config
 from fedsubspace.simulation import run
 
 POLL_SECONDS = 1.0  # how often the progress bar looks at the running runs' rounds
@@ -113,7 +113,7 @@ def plan(
 
 
 class RunFailed(Exception):
-    """A run raised; its message is the first line of the run's ``error.txt``."""
+    """A run raised; its message is the first line of the run's ``error.txt`` (none for RunBusy)."""
 
 
 def execute(config: dict[str, Any], path: str) -> str:
@@ -125,8 +125,9 @@ def execute(config: dict[str, Any], path: str) -> str:
         summary = run(build_config(config), out, resume=True, progress=False)
     except Exception as exc:
         first = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        detail = "" if isinstance(exc, UserError) else "\n" + traceback.format_exc()
-        (out / ERROR).write_text(first + "\n" + detail)
+        if not isinstance(exc, RunBusy):  # a run another process holds is that process's to record
+            detail = "" if isinstance(exc, UserError) else "\n" + traceback.format_exc()
+            (out / ERROR).write_text(first + "\n" + detail)
         raise RunFailed(first) from None
     return (
         f"best {summary['best_eval_accuracy']:.4f} (round {summary['best_round']}), "
@@ -184,7 +185,8 @@ def run_matrix(jobs: list[Job], *, workers: int = 1, progress: bool = True) -> M
             line = f"{job.name}: {future.result()}"
             result.ran.append(job)
         except RunFailed as exc:
-            line = f"{job.name}: FAILED: {exc} (see {job.path / ERROR})"
+            see = f" (see {job.path / ERROR})" if (job.path / ERROR).exists() else ""
+            line = f"{job.name}: FAILED: {exc}{see}"
             result.failed.append(job)
         except BrokenProcessPool:
             message = "its worker process died (killed, or out of memory); run the matrix again to resume it"
