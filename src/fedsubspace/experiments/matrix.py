@@ -5,8 +5,8 @@ a finished run is skipped, an interrupted one continues after its last completed
 raises is recorded in its ``error.txt`` and the matrix goes on; a worker process that dies (killed, out
 of memory) fails the runs it was executing, which a second invocation resumes. Workers end with the
 matrix however it ends, and a run holds its directory (:func:`fedsubspace.results.claim`), so no two
-processes ever write one run. Every config is built
-and validated, and every existing results directory checked against it, before any run starts.
+processes ever write one run. Every config is built and validated, and every existing results directory
+checked against it, before any run starts.
 
 The centralized reference (``references``): per config and seed, one client holding all the training
 data, run as fedavg (with one client every method is plain local training) for the same number of
