@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_resume import HOLD_RUN
+from test_resume import HOLD_RUN, crash_after_round
 from test_simulation import FIXTURE, ROOT
 
 from fedsubspace import simulation
@@ -21,7 +21,7 @@ from fedsubspace.cli import main
 from fedsubspace.config import load_config
 from fedsubspace.experiments.matrix import centralized_config, plan
 from fedsubspace.experiments.report import write_report
-from fedsubspace.results import RunDirectory, read_metrics
+from fedsubspace.results import read_metrics
 
 TINY = yaml.safe_load((ROOT / "configs" / "tiny-encoder.yaml").read_text())
 
@@ -32,23 +32,7 @@ def write_config(path: Path, **changes) -> Path:
     return path
 
 
-def interrupt_after_round_one(config, out: Path, monkeypatch) -> None:
-    real = RunDirectory.save_resume_point
-
-    def crash(self, state, memories, progress):
-        real(self, state, memories, progress)
-        if state.round == 1:
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as patch:
-        patch.setattr(RunDirectory, "save_resume_point", crash)
-        with pytest.raises(KeyboardInterrupt):
-            simulation.run(config, out, progress=False)
-
-
-def test_a_matrix_runs_every_combination_records_failures_skips_finished_and_resumes(
-    tmp_path, capsys, monkeypatch
-):
+def test_a_matrix_runs_every_combination_records_failures_skips_finished_and_resumes(tmp_path, capsys):
     good = write_config(tmp_path / "good.yaml")
     bad = write_config(tmp_path / "bad.yaml", dataset=str(tmp_path / "no-such-data"))
     out = tmp_path / "matrix"
@@ -83,7 +67,8 @@ def test_a_matrix_runs_every_combination_records_failures_skips_finished_and_res
     job = next(j for j in plan([good], ["svd"], [2], out, []) if j.label == "svd")
     interrupted = out / "good" / "svd" / "seed2"
     shutil.rmtree(interrupted)
-    interrupt_after_round_one(job.config, interrupted, monkeypatch)
+    with crash_after_round(1), pytest.raises(KeyboardInterrupt):
+        simulation.run(job.config, interrupted, progress=False)
     round_one = read_metrics(interrupted)[0]
     finished = (out / "good" / "fedavg" / "seed1" / "summary.json").stat().st_mtime_ns
     assert main(argv) == 1
