@@ -21,6 +21,7 @@ import yaml
 from flwr.app import Array, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from test_resume import held_by_another_process
 from test_simulation import FIXTURE, ROOT
 
 from fedsubspace import experiment, simulation
@@ -43,7 +44,7 @@ from fedsubspace.flower.settings import FlowerSettings, app_definition, run_conf
 from fedsubspace.methods import METHODS, MethodOptions, get_method
 from fedsubspace.methods.base import ClientStart
 from fedsubspace.methods.common import merged_residual
-from fedsubspace.results import read_metrics
+from fedsubspace.results import RunBusy, read_metrics
 from fedsubspace.state import GlobalState, flatten, load_state, payload_bytes
 
 CONFIG = ROOT / "configs" / "tiny-encoder.yaml"
@@ -435,6 +436,19 @@ def test_flower_local_refuses_a_node_count_that_is_not_one_per_client(tmp_path, 
                  "--out", str(tmp_path / "x")])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "--nodes 3 but num_clients is 4" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_another_process_holds_is_refused_by_the_serverapp_and_by_flower_local(tmp_path, capsys):
+    out = tmp_path / "run"
+    with held_by_another_process(out):
+        with pytest.raises(RunBusy, match="is being run by another process"):
+            run_flower_in_process(tiny("fedavg"), out)
+        assert not (out / "config.yaml").exists()
+        argv = ["flower", "local", "--nodes", "4", "--config", str(CONFIG), "--set", f"dataset={FIXTURE}"]
+        code = main([*argv, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and "is being run by another process" in err and "Traceback" not in err
+        assert not (out / "config.yaml").exists()
 
 
 # --- real processes -------------------------------------------------------------------------------

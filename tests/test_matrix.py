@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_resume import HOLD_RUN, crash_after_round
+from test_resume import crash_after_round, held_by_another_process
 from test_simulation import FIXTURE, ROOT
 
 from fedsubspace import simulation
@@ -179,14 +179,9 @@ def test_a_matrix_leaves_a_run_another_process_holds_alone(tmp_path, capsys):
     config = write_config(tmp_path / "toy.yaml")
     out = tmp_path / "matrix"
     held = out / "toy" / "fedavg" / "seed1"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_RUN, str(held)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with held_by_another_process(held):
         argv = ["matrix", "--config", str(config), "--methods", "fedavg", "--seeds", "1",
                 "--no-references", "--out", str(out), "--quiet"]  # fmt: skip
         assert main(argv) == 1
         assert "toy/fedavg/seed1: FAILED: RunBusy: " in capsys.readouterr().out
         assert not (held / "error.txt").exists() and not (held / "metrics.jsonl").exists()
-    finally:
-        holder.kill()
-        holder.wait()

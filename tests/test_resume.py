@@ -40,6 +40,18 @@ HOLD_RUN = (
 )
 
 
+@contextmanager
+def held_by_another_process(path: Path) -> Iterator[None]:
+    """``path`` claimed by another process until the block ends (then SIGKILLed: no lock stays)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_RUN, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def strip(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
 
@@ -178,19 +190,12 @@ def test_resume_refuses_another_config_and_run_points_to_resume(tmp_path, capsys
 def test_a_run_another_process_holds_is_refused_until_that_process_ends(tmp_path, capsys):
     argv = ["run", "--config", str(CONFIG), "--out", str(tmp_path), "--quiet", "--resume"]
     argv += [arg for setting in FAST for arg in ("--set", setting)]
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_RUN, str(tmp_path)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with held_by_another_process(tmp_path):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert "is being run by another process" in err and "Traceback" not in err
         assert not (tmp_path / "metrics.jsonl").exists()
-    finally:
-        holder.kill()  # SIGKILL leaves the lock file behind, but no lock
-        holder.wait()
-    assert main(argv) == 0
+    assert main(argv) == 0  # the holder was SIGKILLed: its lock file stays, its lock does not
     assert [r["round"] for r in read_metrics(tmp_path)] == [1, 2, 3]
 
 

@@ -33,7 +33,7 @@ import yaml
 from fedsubspace.config import ExperimentConfig
 from fedsubspace.errors import UserError
 from fedsubspace.flower.settings import app_definition
-from fedsubspace.results import RunDirectory
+from fedsubspace.results import RunDirectory, claim
 
 PR_SET_CHILD_SUBREAPER = 36
 STOP_GRACE = 15.0  # seconds processes get to exit after SIGTERM before SIGKILL
@@ -326,7 +326,8 @@ def run_local(
             f"pass --nodes {config.num_clients} or --set num_clients={nodes}"
         )
     out = out.resolve()
-    RunDirectory(out, overwrite=overwrite)  # refuses a directory holding a run before anything starts
+    with claim(out):  # refuses a run that is held or already there before anything starts
+        RunDirectory(out, overwrite=overwrite)
     with tempfile.TemporaryDirectory(prefix="fedsubspace-flower-") as tmp:
         home = Path(tmp)
         app_dir = home / "fedsubspace"

@@ -44,7 +44,7 @@ from fedsubspace.flower.payload import (
 )
 from fedsubspace.flower.settings import FlowerSettings, config_digest
 from fedsubspace.methods import ClientContext, Method, get_method
-from fedsubspace.results import RunDirectory
+from fedsubspace.results import RunDirectory, claim
 from fedsubspace.scoring import EvalResult
 from fedsubspace.server import ClientResults, RoundServer, client_context, done_line, evaluate_model, pool
 from fedsubspace.state import ClientUpdate, flatten
@@ -382,10 +382,15 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     try:
         settings = FlowerSettings.from_run_config(context.run_config)
-        run_dir = RunDirectory(settings.out, overwrite=settings.overwrite)
+        with claim(settings.out):
+            serve(grid, settings, RunDirectory(settings.out, overwrite=settings.overwrite))
     except UserError as exc:
         log(ERROR, "fedsubspace: error: %s", exc)
         raise
+
+
+def serve(grid: Grid, settings: FlowerSettings, run_dir: RunDirectory) -> None:
+    """The whole run, with ``settings.out`` held by this process."""
     config = settings.config
     run_dir.write_config(config.to_dict())
     exp = prepare(config)
