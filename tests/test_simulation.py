@@ -132,6 +132,14 @@ def test_user_mistakes_get_one_line_and_exit_2(tmp_path, capsys, argv, message):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT / "configs"))
+)
+def test_every_config_the_repository_ships_is_valid(path):
+    # 4-bit loading is checked against the machine (it needs CUDA): here, everything else in the file
+    assert load_config(path, ["load_in_4bit=false"]).model
+
+
 def test_missing_config_file_is_a_user_error(capsys):
     assert main(["run", "--config", "/nonexistent.yaml"]) == 2
     assert "config file not found" in capsys.readouterr().err
