@@ -126,6 +126,23 @@ def cmd_bench_client_step(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_causal_eval(args: argparse.Namespace) -> int:
+    from fedsubspace.bench.causal_eval import bench_causal_eval, format_row
+    from fedsubspace.config import load_config
+
+    # Only evaluation is timed: a small training slice keeps preparing the run short.
+    base = [
+        f"model={args.model}",
+        f"max_eval_samples={args.questions}",
+        "max_train_samples=40",
+        "num_clients=2",
+        "partition=iid",
+    ]
+    row = bench_causal_eval(load_config(args.config, [*base, *args.set]), repeats=args.repeats)
+    print(json.dumps(row, indent=2) if args.json else format_row(row))
+    return 0
+
+
 def cmd_flower_local(args: argparse.Namespace) -> int:
     from fedsubspace.config import load_config
     from fedsubspace.flower.local import FlowerRunError, run_local
@@ -232,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--json", action="store_true")
     step.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     step.set_defaults(func=cmd_bench_client_step)
+    causal = bench.add_parser(
+        "causal-eval", help="causal scoring: shared context against one full forward per ending"
+    )
+    causal.add_argument("--model", default="smollm2-135m", help="a causal model preset")
+    causal.add_argument("--config", type=Path, help="base config (default: the paper's protocol)")
+    causal.add_argument("--questions", type=int, default=100, help="evaluation questions")
+    causal.add_argument("--repeats", type=int, default=3)
+    causal.add_argument("--json", action="store_true")
+    causal.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    causal.set_defaults(func=cmd_bench_causal_eval)
 
     flower = commands.add_parser("flower", help="run on Flower (SuperLink and SuperNodes)").add_subparsers(
         dest="flower_command", required=True
