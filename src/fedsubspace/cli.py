@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     causal = bench.add_parser(
         "causal-eval", help="causal scoring: shared context against one full forward per ending"
     )
-    causal.add_argument("--model", default="smollm2-135m", help="a causal model preset")
+    causal.add_argument("--model", default="smollm2-135m", help="a causal model (overrides the config's)")
     causal.add_argument("--config", type=Path, help="base config (default: the paper's protocol)")
     causal.add_argument("--questions", type=int, default=100, help="evaluation questions")
     causal.add_argument("--repeats", type=int, default=3)
