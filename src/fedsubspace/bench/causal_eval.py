@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from fedsubspace.config import ExperimentConfig
 from fedsubspace.errors import UserError
 from fedsubspace.experiment import prepare
-from fedsubspace.scoring import evaluate
+from fedsubspace.scoring import EvalResult, evaluate
 
 PATHS = {"shared context": True, "one row per ending": False}
 
@@ -33,7 +33,7 @@ def bench_causal_eval(config: ExperimentConfig, repeats: int = 3, progress: bool
         raise UserError(f"bench causal-eval needs a causal model; {config.model} is {tm.kind}")
     tm.load(exp.initial_state)
     seconds: dict[str, list[float]] = {name: [] for name in PATHS}
-    results = {}
+    results: dict[str, EvalResult] = {}
     for _ in tqdm(range(repeats), desc=f"causal eval ({config.model})", disable=not progress):
         for name, shared_context in PATHS.items():
             started = time.perf_counter()
@@ -46,7 +46,7 @@ def bench_causal_eval(config: ExperimentConfig, repeats: int = 3, progress: bool
                 shared_context=shared_context,
             )
             seconds[name].append(time.perf_counter() - started)
-        shared, naive = results.values()
+        shared, naive = results["shared context"], results["one row per ending"]
         if shared.accuracy != naive.accuracy or not math.isclose(shared.loss, naive.loss, rel_tol=1e-4):
             raise RuntimeError(f"the two scoring paths disagree: {shared} against {naive}")
     questions = len(exp.eval)
