@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from fedsubspace import lowrank
+from fedsubspace.bench import markdown_table
 
 Tensor = torch.Tensor
 
@@ -212,14 +213,11 @@ _COLUMNS = (
 
 def format_table(rows: Sequence[dict]) -> str:
     """A markdown table of ``run_aggregation_bench`` rows (memory in MiB, estimated from shapes)."""
-    lines = [
-        "| " + " | ".join(title for _, title, _ in _COLUMNS) + " |",
-        "|" + "|".join("---:" for _ in _COLUMNS) + "|",
-    ]
-    for row in rows:
-        cells = []
-        for key, _, fmt in _COLUMNS:
-            value = row[key] / 2**20 if key.endswith("_bytes") else row[key]
-            cells.append(fmt.format(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(
+        [title for _, title, _ in _COLUMNS],
+        (
+            [fmt.format(row[key] / 2**20 if key.endswith("_bytes") else row[key]) for key, _, fmt in _COLUMNS]
+            for row in rows
+        ),
+        rule="---:",
+    )

@@ -16,6 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from fedsubspace.bench import markdown_table
 from fedsubspace.config import ExperimentConfig
 from fedsubspace.errors import UserError
 from fedsubspace.experiment import prepare
@@ -65,13 +66,24 @@ def bench_causal_eval(config: ExperimentConfig, repeats: int = 3, progress: bool
 
 
 def format_row(row: dict[str, Any]) -> str:
-    return "\n".join(
-        [
-            "| model | questions | batch | one row per ending (q/s) | shared context (q/s) | speed-up | "
-            "loss | accuracy |",
-            "|" + "---|" * 8,
-            f"| {row['model']} | {row['questions']} | {row['batch_size']} | "
-            f"{row['naive_questions_per_second']:.2f} | {row['shared_questions_per_second']:.2f} | "
-            f"{row['speedup']:.2f}x | {row['loss']:.4f} | {row['accuracy']:.3f} |",
-        ]
-    )
+    titles = [
+        "model",
+        "questions",
+        "batch",
+        "one row per ending (q/s)",
+        "shared context (q/s)",
+        "speed-up",
+        "loss",
+        "accuracy",
+    ]
+    cells = [
+        row["model"],
+        str(row["questions"]),
+        str(row["batch_size"]),
+        f"{row['naive_questions_per_second']:.2f}",
+        f"{row['shared_questions_per_second']:.2f}",
+        f"{row['speedup']:.2f}x",
+        f"{row['loss']:.4f}",
+        f"{row['accuracy']:.3f}",
+    ]
+    return markdown_table(titles, [cells])

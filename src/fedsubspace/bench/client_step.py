@@ -15,6 +15,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from fedsubspace.bench import markdown_table
 from fedsubspace.client import train_client
 from fedsubspace.config import ExperimentConfig
 from fedsubspace.experiment import local_schedule, method_options, prepare
@@ -89,15 +90,25 @@ def bench_client_step(config: ExperimentConfig, repeats: int = 5, progress: bool
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    header = (
-        "| model | modules | fedavg step (ms) | regulariser fwd+bwd (ms) | per call (% of step) | "
-        "amortised (% of step) | round ratio subspace_reg / fedavg |"
+    titles = [
+        "model",
+        "modules",
+        "fedavg step (ms)",
+        "regulariser fwd+bwd (ms)",
+        "per call (% of step)",
+        "amortised (% of step)",
+        "round ratio subspace_reg / fedavg",
+    ]
+    cells = (
+        [
+            r["model"],
+            str(r["modules"]),
+            f"{1000 * r['fedavg_step_seconds']:.1f}",
+            f"{1000 * r['regulariser_seconds']:.2f}",
+            f"{r['regulariser_per_call_pct']:.2f}",
+            f"{r['regulariser_amortised_pct']:.2f}",
+            f"{r['round_ratio']:.3f}",
+        ]
+        for r in rows
     )
-    lines = [header, "|" + "---|" * 7]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['modules']} | {1000 * r['fedavg_step_seconds']:.1f} | "
-            f"{1000 * r['regulariser_seconds']:.2f} | {r['regulariser_per_call_pct']:.2f} | "
-            f"{r['regulariser_amortised_pct']:.2f} | {r['round_ratio']:.3f} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(titles, cells)
