@@ -193,3 +193,27 @@ def test_report_mistakes_are_one_line_errors(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "is not a directory" in err and len(err.strip().splitlines()) == 1
+
+
+def test_rows_over_different_seeds_are_said_to_be_so(matrix_dir, tmp_path_factory):
+    out = write_report(matrix_dir)
+    note = "- toy: initial, fedavg: seeds 1, 2; fedsa, svd, centralized: seeds 1"
+    assert note in (out / "summary.md").read_text().split("## Failed")[0]
+    assert (
+        "initial, fedavg: seeds 1, 2; fedsa, svd, centralized: seeds 1." in (out / "index.html").read_text()
+    )
+    # the same seeds in every row: nothing to say
+    uniform = tmp_path_factory.mktemp("uniform")
+    for method in ("fedavg", "svd"):
+        for seed in (1, 2):
+            run = uniform / "toy" / method / f"seed{seed}"
+            write_run(
+                run,
+                method,
+                seed,
+                [metric_row(1, 0.4), metric_row(2, 0.5)],
+                summary=summary(0.25, 0.5, 0.5, 1.0),
+            )
+    out = write_report(uniform)
+    assert "Rows over different seeds" not in (out / "summary.md").read_text()
+    assert "Rows over different seeds" not in (out / "index.html").read_text()

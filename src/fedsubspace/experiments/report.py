@@ -142,6 +142,28 @@ def table(records: list[RunRecord]) -> list[TableRow]:
     return rows
 
 
+MIXED_SEEDS = (
+    "Rows over different seeds: a seed fixes its own partition and evaluation questions, so these rows "
+    "compare only over the seeds they share."
+)
+
+
+def seed_groups(rows: list[TableRow]) -> dict[str, str]:
+    """Per setup whose rows do not all hold the same seeds, which rows hold which (a matrix in progress)."""
+    groups: dict[str, str] = {}
+    for setup in sorted({row.setup for row in rows}):
+        labels_by_seeds: dict[tuple[int, ...], list[str]] = {}
+        for row in rows:
+            if row.setup == setup:
+                labels_by_seeds.setdefault(tuple(row.seeds), []).append(row.label)
+        if len(labels_by_seeds) > 1:
+            groups[setup] = "; ".join(
+                f"{', '.join(labels)}: seeds {', '.join(map(str, seeds))}"
+                for seeds, labels in labels_by_seeds.items()
+            )
+    return groups
+
+
 def _cell(stat: Stat | None, digits: int) -> str:
     if stat is None:
         return "–"
@@ -167,6 +189,8 @@ def write_markdown(path: Path, rows: list[TableRow], unfinished: list[RunRecord]
             *(_cell(row.stats[m.key], m.digits) for m in METRICS),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if mixed := seed_groups(rows):
+        lines += ["", MIXED_SEEDS, ""] + [f"- {setup}: {groups}" for setup, groups in mixed.items()]
     if unfinished:
         lines += [
             "",
@@ -224,6 +248,7 @@ def write_html(
         f"<p>{html.escape(DEFINITIONS)}</p>",
         "<p>Also as <a href='summary.md'>summary.md</a> and <a href='summary.csv'>summary.csv</a>.</p>",
     ]
+    mixed = seed_groups(rows)
     for setup in sorted({row.setup for row in rows}):
         body = [
             [row.label, str(len(row.seeds)), *(_cell(row.stats[m.key], m.digits) for m in METRICS)]
@@ -231,6 +256,8 @@ def write_html(
             if row.setup == setup
         ]
         parts += [f"<h2>{html.escape(setup)}</h2>", _html_table(header, body)]
+        if setup in mixed:
+            parts.append(f"<p>{html.escape(MIXED_SEEDS)} {html.escape(mixed[setup])}.</p>")
         parts += [
             f"<a href='{html.escape(name)}'><img src='{html.escape(name)}' alt='{html.escape(name)}'></a>"
             for name in plots.get(setup, [])
