@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from fedsubspace import lowrank
-from fedsubspace.bench import markdown_table
+from fedsubspace.markdown import markdown_table
 
 Tensor = torch.Tensor
 

@@ -16,10 +16,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from fedsubspace.bench import markdown_table
 from fedsubspace.config import ExperimentConfig
 from fedsubspace.errors import UserError
 from fedsubspace.experiment import prepare
+from fedsubspace.markdown import markdown_table
 from fedsubspace.scoring import EvalResult, evaluate
 
 PATHS = {"shared context": True, "one row per ending": False}

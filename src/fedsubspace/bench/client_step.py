@@ -15,10 +15,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from fedsubspace.bench import markdown_table
 from fedsubspace.client import train_client
 from fedsubspace.config import ExperimentConfig
 from fedsubspace.experiment import local_schedule, method_options, prepare
+from fedsubspace.markdown import markdown_table
 from fedsubspace.methods import get_method
 from fedsubspace.methods.subspace_reg import SubspaceRegularizer
 

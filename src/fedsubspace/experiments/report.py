@@ -20,6 +20,7 @@ from typing import Any
 
 from fedsubspace.experiments.layout import CENTRALIZED, INITIAL, REPORT, RunRecord, Status, collect
 from fedsubspace.experiments.plots import colour_map, plot_setup
+from fedsubspace.markdown import markdown_table
 
 
 def _last(key: str) -> Callable[[RunRecord], float | None]:
@@ -177,31 +178,29 @@ def _incomplete_detail(run: RunRecord) -> str:
     return f"{len(run.rows)} of {run.num_rounds} rounds"
 
 
-def write_markdown(path: Path, rows: list[TableRow], unfinished: list[RunRecord], root: Path) -> None:
+def write_markdown(
+    path: Path, rows: list[TableRow], mixed: dict[str, str], unfinished: list[RunRecord], root: Path
+) -> None:
     header = ["config", "method", "seeds", *(m.title for m in METRICS)]
-    lines = ["# fedsubspace report", "", DEFINITIONS, ""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [
-            row.setup,
-            row.label,
-            str(len(row.seeds)),
-            *(_cell(row.stats[m.key], m.digits) for m in METRICS),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    if mixed := seed_groups(rows):
+    body = (
+        [row.setup, row.label, str(len(row.seeds)), *(_cell(row.stats[m.key], m.digits) for m in METRICS)]
+        for row in rows
+    )
+    lines = ["# fedsubspace report", "", DEFINITIONS, "", markdown_table(header, body)]
+    if mixed:
         lines += ["", MIXED_SEEDS, ""] + [f"- {setup}: {groups}" for setup, groups in mixed.items()]
     if unfinished:
+        listed = (
+            # an error message must not split the row
+            [str(run.path.relative_to(root)), run.status.value, _incomplete_detail(run).replace("|", "\\|")]
+            for run in unfinished
+        )
         lines += [
             "",
             "## Failed or incomplete runs (not averaged)",
             "",
-            "| run | status | detail |",
-            "|---|---|---|",
+            markdown_table(["run", "status", "detail"], listed),
         ]
-        for run in unfinished:
-            detail = _incomplete_detail(run).replace("|", "\\|")  # an error message must not split the row
-            lines.append(f"| {run.path.relative_to(root)} | {run.status.value} | {detail} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -237,6 +236,7 @@ img { max-width: 48%; margin: 0.5em 0.5%; border: 1px solid #eee; }
 def write_html(
     path: Path,
     rows: list[TableRow],
+    mixed: dict[str, str],
     unfinished: list[RunRecord],
     plots: dict[str, list[str]],
     root: Path,
@@ -248,7 +248,6 @@ def write_html(
         f"<p>{html.escape(DEFINITIONS)}</p>",
         "<p>Also as <a href='summary.md'>summary.md</a> and <a href='summary.csv'>summary.csv</a>.</p>",
     ]
-    mixed = seed_groups(rows)
     for setup in sorted({row.setup for row in rows}):
         body = [
             [row.label, str(len(row.seeds)), *(_cell(row.stats[m.key], m.digits) for m in METRICS)]
@@ -284,7 +283,8 @@ def write_report(root: Path) -> Path:
         )
         for setup in sorted({row.setup for row in rows})
     }
-    write_markdown(out / "summary.md", rows, unfinished, root)
+    mixed = seed_groups(rows)
+    write_markdown(out / "summary.md", rows, mixed, unfinished, root)
     write_csv(out / "summary.csv", rows)
-    write_html(out / "index.html", rows, unfinished, plots, root)
+    write_html(out / "index.html", rows, mixed, unfinished, plots, root)
     return out
