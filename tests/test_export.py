@@ -42,6 +42,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "causal": train(tmp, "causal", "tiny-causal.yaml", "svd"),
         "fedex": train(tmp, "fedex", "tiny-encoder.yaml", "fedex"),
         "glora": train(tmp, "glora", "tiny-encoder.yaml", "glora", "client_ranks=cycle(2,4)"),
+        "flora": train(tmp, "flora", "tiny-causal.yaml", "flora", "client_ranks=cycle(2,4)"),
     }
 
 
@@ -87,20 +88,24 @@ def test_an_exported_adapter_scores_what_the_run_recorded(runs, tmp_path, name, 
 
 
 def test_the_last_round_differs_from_the_initial_model_so_the_comparison_can_fail(runs):
-    for name in ("encoder", "causal", "fedex", "glora"):
+    for name in ("encoder", "causal", "fedex", "glora", "flora"):
         summary = json.loads((runs[name] / "summary.json").read_text())
         assert abs(summary["final_eval_loss"] - summary["initial_eval_loss"]) > 100 * LOSS_TOLERANCE
 
 
-def test_fedex_exports_merged_with_its_residual_and_refuses_a_bare_adapter(runs, tmp_path, capsys):
-    assert load_state(runs["fedex"] / "checkpoints" / "last.safetensors").residual
-    assert main(["export", str(runs["fedex"]), "--out", str(tmp_path / "bare"), "--round", "last"]) == 2
-    assert "--merged" in capsys.readouterr().err
+@pytest.mark.parametrize("name", ["fedex", "flora"])
+def test_merging_methods_export_merged_with_their_residual_and_refuse_a_bare_adapter(
+    runs, tmp_path, capsys, name
+):
+    assert load_state(runs[name] / "checkpoints" / "last.safetensors").residual
+    assert main(["export", str(runs[name]), "--out", str(tmp_path / "bare"), "--round", "last"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--merged" in err
     merged = tmp_path / "merged"
-    assert main(["export", str(runs["fedex"]), "--out", str(merged), "--round", "last", "--merged"]) == 0
+    assert main(["export", str(runs[name]), "--out", str(merged), "--round", "last", "--merged"]) == 0
     assert (merged / "config.json").is_file() and not (merged / "adapter_config.json").exists()
-    result = score_loaded(runs["fedex"], merged, merged=True)
-    assert_scores_as_recorded(result, recorded(runs["fedex"], "last"))
+    result = score_loaded(runs[name], merged, merged=True)
+    assert_scores_as_recorded(result, recorded(runs[name], "last"))
 
 
 def test_merged_fedavg_scores_as_its_adapter(runs, tmp_path):

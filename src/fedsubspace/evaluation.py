@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -26,7 +25,7 @@ from fedsubspace.errors import UserError
 from fedsubspace.experiment import load_eval_split
 from fedsubspace.export import RUN_CONFIG
 from fedsubspace.models import load_model, resolve_device
-from fedsubspace.scoring import encode, evaluate
+from fedsubspace.scoring import Encoded, encode, evaluate
 from fedsubspace.trained import factors_at_rank, load_base, open_run, read_config, rebuild
 
 
@@ -98,28 +97,28 @@ def scoring_model(
     )
 
 
-def _choice_count(data: datasets.Dataset) -> int:
-    return len(data[0]["choices"])
-
-
 def _describe(config: ExperimentConfig) -> str:
     return f"{config.dataset} {config.eval_split}"
 
 
-def check_choices(
-    trained_with: ExperimentConfig | None, config: ExperimentConfig, data: datasets.Dataset
-) -> None:
+def check_choices(scored: ScoringModel, config: ExperimentConfig, encoded: Encoded) -> None:
     """Refuse data whose choice (or label) count differs from the one the model was trained on."""
+    trained_with = scored.trained_with
     if trained_with is None:
         return
-    same_data = (
-        _describe(trained_with) == _describe(config) and trained_with.choices_field == config.choices_field
+    same_data = (_describe(trained_with), trained_with.choices_field) == (
+        _describe(config),
+        config.choices_field,
     )
-    trained = _choice_count(data) if same_data else _choice_count(load_eval_split(trained_with))
-    if _choice_count(data) != trained:
+    trained = encoded
+    if not same_data:
+        trained = encode(
+            load_eval_split(trained_with), scored.tokenizer, scored.kind, trained_with.max_length
+        )
+    if encoded.num_choices != trained.num_choices:
         raise UserError(
-            f"the model was trained on {trained}-way questions ({_describe(trained_with)}) but "
-            f"{_describe(config)} has {_choice_count(data)}; its head scores {trained} choices"
+            f"the model was trained on {trained.num_choices}-way questions ({_describe(trained_with)}) but "
+            f"{_describe(config)} has {encoded.num_choices}; its head scores {trained.num_choices} choices"
         )
 
 
@@ -136,8 +135,8 @@ def evaluate_target(
     resolve_device(config.device)
     data = load_eval_split(config)
     scored = scoring_model(target, config, base=base, which=which, rank=rank)
-    check_choices(scored.trained_with, config, data)
     encoded = encode(data, scored.tokenizer, scored.kind, config.max_length)
+    check_choices(scored, config, encoded)
     result = evaluate(
         scored.model,
         encoded,
