@@ -148,7 +148,7 @@ def test_an_unfinished_run_is_refused_naming_its_rounds(runs, tmp_path, capsys):
     metrics.write_text(metrics.read_text().splitlines(keepends=True)[0])
     assert main(["export", str(unfinished), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "unfinished" in err and "round 1 exists of 2" in err and "--resume" in err
+    assert err.count("\n") == 1 and "unfinished" in err and "round 1 of 2 done" in err and "--resume" in err
 
 
 def test_a_directory_of_another_tool_is_refused(tmp_path, capsys):
@@ -158,6 +158,14 @@ def test_a_directory_of_another_tool_is_refused(tmp_path, capsys):
     assert main(["export", str(other), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a fedsubspace results directory" in err
+
+    hydra = tmp_path / "outputs"  # a config.yaml and a checkpoint of the right names, but not ours
+    (hydra / "checkpoints").mkdir(parents=True)
+    (hydra / "config.yaml").write_text("trainer:\n  max_epochs: 3\n")
+    (hydra / "checkpoints" / "last.safetensors").write_bytes(b"not safetensors")
+    assert main(["export", str(hydra), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a fedsubspace config" in err and "trainer" in err
 
 
 def test_export_refuses_to_replace_a_directory_that_is_not_an_export(runs, tmp_path, capsys):

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 from peft import PeftModel
+from safetensors import SafetensorError
 
 from fedsubspace.client import TrainableModel
 from fedsubspace.config import ExperimentConfig, build_config
@@ -42,8 +43,11 @@ class TrainedRun:
             raise UserError(f"--round must be best or last, not {which!r}")
         path = self.path / "checkpoints" / f"{which}.safetensors"
         if not path.is_file():
-            raise UserError(f"{self.path} has no checkpoints/{which}.safetensors; export --round last")
-        return load_state(path)
+            raise UserError(f"{self.path} has no checkpoints/{which}.safetensors; use --round last")
+        try:
+            return load_state(path)
+        except (OSError, SafetensorError, KeyError, ValueError) as exc:
+            raise UserError(f"{path} is not a fedsubspace checkpoint: {exc}") from None
 
 
 def read_config(path: Path) -> ExperimentConfig:
@@ -60,12 +64,15 @@ def read_config(path: Path) -> ExperimentConfig:
 
 
 def _rounds_text(rows: list[dict[str, Any]]) -> str:
+    """The rounds the metrics lines hold, e.g. ``rounds 1-3``."""
     rounds = [row["round"] for row in rows if isinstance(row.get("round"), int)]
     if not rounds:
-        return "no round has finished yet"
+        return "no round"
+    if len(rounds) == 1:
+        return f"round {rounds[0]}"
     if rounds == list(range(rounds[0], rounds[-1] + 1)):
-        return f"rounds {rounds[0]}-{rounds[-1]} exist" if len(rounds) > 1 else f"round {rounds[0]} exists"
-    return f"rounds {', '.join(map(str, rounds))} exist"
+        return f"rounds {rounds[0]}-{rounds[-1]}"
+    return f"rounds {', '.join(map(str, rounds))}"
 
 
 def open_run(path: Path) -> TrainedRun:
@@ -83,10 +90,10 @@ def open_run(path: Path) -> TrainedRun:
     config = read_config(path / "config.yaml")
     rows = metrics_rows(path)
     if status(path) is Status.FAILED:
-        raise UserError(f"{path} holds a failed run ({_rounds_text(rows)}); see its {ERROR}")
+        raise UserError(f"{path} holds a failed run ({_rounds_text(rows)} done); see its {ERROR}")
     if status(path) is not Status.FINISHED:
         raise UserError(
-            f"{path} holds an unfinished run ({_rounds_text(rows)} of {config.num_rounds}); "
+            f"{path} holds an unfinished run ({_rounds_text(rows)} of {config.num_rounds} done); "
             f"finish it with: fedsubspace run --config {path / 'config.yaml'} --out {path} --resume"
         )
     return TrainedRun(path=path, config=config)
