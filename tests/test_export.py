@@ -219,3 +219,18 @@ def test_eval_refuses_data_with_another_choice_count(runs, tmp_path, capsys):
     assert main(["eval", str(runs["encoder"]), "--set", f"dataset={data}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "4-way" in err and "has 2" in err
+
+
+def test_a_personalised_run_is_refused_for_want_of_a_global_model(tmp_path, capsys):
+    fedsa = train(tmp_path, "fedsa", "tiny-encoder.yaml", "fedsa", "num_rounds=1")
+    assert main(["export", str(fedsa), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "personalised" in err
+
+
+def test_eval_wants_one_model_to_score(runs, capsys):
+    config = str(CONFIGS / "tiny-encoder.yaml")
+    assert main(["eval", "--config", config]) == 2
+    assert main(["eval", str(runs["encoder"]), "--base", "--config", config]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and err.count("or --base") == 2
