@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,15 @@ def test_overwrite_removes_the_old_events(tmp_path):
     (tmp_path / "summary.json").write_text("{}")
     RunDirectory(tmp_path, overwrite=True)
     assert not (tmp_path / TENSORBOARD_DIR).exists()
+
+
+def test_tensorboard_missing_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
+    )
+    assert main(["run", "--config", str(CONFIG), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tracker: none" in err
+    assert not (tmp_path / "x").exists()
+    load_config(CONFIG, ["tracker=none"])  # the way out works

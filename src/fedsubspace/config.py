@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import re
 import types
 import typing
@@ -211,6 +212,10 @@ def validate(c: ExperimentConfig) -> None:
     )
     _require(0.0 < c.holdout_fraction < 1.0, "holdout_fraction must be in (0, 1)")
     _require(c.tracker in TRACKERS, f"tracker must be {' or '.join(TRACKERS)}, got {c.tracker!r}")
+    _require(
+        c.tracker != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
+        "tracker: tensorboard needs the tensorboard package (pip install tensorboard), or set tracker: none",
+    )
     looks_like_path_or_id = "/" in c.model or Path(c.model).expanduser().exists()
     _require(
         c.model in PRESETS or looks_like_path_or_id,
