@@ -194,6 +194,8 @@ def test_eval_scores_a_run_its_export_and_the_base_model_as_recorded(runs, tmp_p
     exported = run_eval([str(tmp_path / "adapter")], capsys)
     assert exported["accuracy"] == row["eval_accuracy"]
     assert exported["loss"] == pytest.approx(row["eval_loss"], abs=LOSS_TOLERANCE)
+    assert main(["eval", str(tmp_path / "adapter"), "--round", "last"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
 
     summary = json.loads((runs["causal"] / "summary.json").read_text())
     base = run_eval(["--base", "--config", str(CONFIGS / "tiny-causal.yaml")], capsys)

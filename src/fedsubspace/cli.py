@@ -309,9 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
     evaluate.add_argument("--base", action="store_true", help="score the config's model before training")
-    evaluate.add_argument(
-        "--round", choices=("best", "last"), default="best", help="a run's checkpoint (default best)"
-    )
+    evaluate.add_argument("--round", choices=("best", "last"), help="a run's checkpoint (default best)")
     evaluate.add_argument("--rank", type=int, help="LoRA rank of a mixed-rank run (default the largest)")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a line")
     evaluate.set_defaults(func=cmd_eval)

@@ -77,7 +77,7 @@ def default_config(target: Path | None) -> Path:
 
 
 def scoring_model(
-    target: Path | None, config: ExperimentConfig, *, base: bool, which: str, rank: int | None
+    target: Path | None, config: ExperimentConfig, *, base: bool, which: str | None, rank: int | None
 ) -> ScoringModel:
     if base == (target is not None):
         raise UserError("give a run or export directory to evaluate, or --base for the config's model")
@@ -86,10 +86,10 @@ def scoring_model(
     if not target.is_dir():
         raise UserError(f"{target} is not a directory")
     if (target / "config.yaml").is_file() or (target / "checkpoints").is_dir():
-        return _from_run(target, which, rank, config.device)
+        return _from_run(target, which or "best", rank, config.device)
     if (target / "adapter_config.json").is_file() or (target / "config.json").is_file():
-        if rank is not None:
-            raise UserError("--rank reads a mixed-rank run out; an export already has its rank")
+        if rank is not None or which is not None:
+            raise UserError("--rank and --round choose from a run's checkpoints; an export holds one model")
         return _from_export(target, config, config.device)
     raise UserError(
         f"{target} is neither a fedsubspace results directory (config.yaml, checkpoints/) nor a model "
@@ -127,7 +127,7 @@ def evaluate_target(
     config: ExperimentConfig,
     *,
     base: bool = False,
-    which: str = "best",
+    which: str | None = None,
     rank: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
