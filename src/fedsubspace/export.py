@@ -37,6 +37,8 @@ def export_run(
 ) -> dict[str, Any]:
     """Write the model of ``run_path``'s ``which`` round into ``out``; returns what was exported."""
     run = open_run(run_path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; --out names the directory to write")
     if out.exists() and any(out.iterdir()) and not (overwrite and (out / EXPORT_INFO).is_file()):
         raise UserError(
             f"{out} is not empty; choose another --out"
@@ -55,6 +57,7 @@ def export_run(
             f"{run.config.model} comes as a GGUF file, which transformers cannot write; "
             f"the merged model is written as {run.config.dtype} safetensors"
         )
+    log(f"loading {run.config.model} with round {state.round} of {run_path} ({which} checkpoint)")
     trained = rebuild(run.config, state, factors, device="cpu")
     info = {
         "run": str(run_path),
