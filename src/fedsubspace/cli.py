@@ -143,6 +143,29 @@ def cmd_bench_causal_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedsubspace.export import export_line, export_run
+
+    info = export_run(
+        args.run_dir, args.out, which=args.round, merged=args.merged, rank=args.rank, overwrite=args.overwrite
+    )
+    print(export_line(info, args.out))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fedsubspace.config import load_config
+    from fedsubspace.evaluation import default_config, eval_line, evaluate_target
+
+    config_path = args.config or default_config(args.target)
+    config = load_config(config_path, args.set)
+    scores = evaluate_target(
+        args.target, config, base=args.base, which=args.round, rank=args.rank, progress=not args.json
+    )
+    print(json.dumps(scores, indent=2) if args.json else eval_line(scores))
+    return 0
+
+
 def cmd_flower_local(args: argparse.Namespace) -> int:
     from fedsubspace.config import load_config
     from fedsubspace.flower.local import FlowerRunError, run_local
@@ -259,6 +282,37 @@ def build_parser() -> argparse.ArgumentParser:
     causal.add_argument("--json", action="store_true")
     causal.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     causal.set_defaults(func=cmd_bench_causal_eval)
+
+    export = commands.add_parser(
+        "export", help="a finished run's model as a PEFT adapter directory (or, --merged, a full model)"
+    )
+    export.add_argument("run_dir", type=Path, help="results directory of a finished run")
+    export.add_argument("--out", type=Path, required=True, help="directory to write")
+    export.add_argument(
+        "--round", choices=("best", "last"), default="best", help="which checkpoint (default best)"
+    )
+    export.add_argument(
+        "--merged", action="store_true", help="fold the adapter (and any merged residual) into the weights"
+    )
+    export.add_argument("--rank", type=int, help="LoRA rank of a mixed-rank run (default the largest)")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    export.set_defaults(func=cmd_export)
+
+    evaluate = commands.add_parser(
+        "eval", help="score a run, an export or the base model on a config's evaluation split"
+    )
+    evaluate.add_argument("target", type=Path, nargs="?", help="results or export directory")
+    evaluate.add_argument(
+        "--config", type=Path, help="config naming the data (default: the run's own config)"
+    )
+    evaluate.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    evaluate.add_argument("--base", action="store_true", help="score the config's model before training")
+    evaluate.add_argument("--round", choices=("best", "last"), help="a run's checkpoint (default best)")
+    evaluate.add_argument("--rank", type=int, help="LoRA rank of a mixed-rank run (default the largest)")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a line")
+    evaluate.set_defaults(func=cmd_eval)
 
     flower = commands.add_parser("flower", help="run on Flower (SuperLink and SuperNodes)").add_subparsers(
         dest="flower_command", required=True

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import re
 import types
 import typing
@@ -77,6 +78,8 @@ class ExperimentConfig:
     glora_server_rank: int | str | None = None  # null: the largest client rank; "union": exact
     fedgalore_angle_threshold: float = 60.0  # degrees, joint-subspace extraction of second moments
     holdout_fraction: float = 0.2  # personalised methods (fedsa): share of each partition held out
+    # live view of the run: tensorboard (event files under the results directory) or none
+    tracker: str = "tensorboard"
     # free-form label carried into results (e.g. the name of the paper setup)
     tags: list[str] = field(default_factory=list)
 
@@ -193,6 +196,7 @@ def validate(c: ExperimentConfig) -> None:
     """Every check that can fail before any work starts."""
     from fedsubspace.methods import METHODS, heterogeneous_methods
     from fedsubspace.models import PRESETS, validate_quantization
+    from fedsubspace.tracking import TRACKERS
 
     _require(c.method in METHODS, f"unknown method {c.method!r}; choose one of: {', '.join(sorted(METHODS))}")
     _require(0.0 <= c.fedrot_lam <= 1.0, "fedrot_lam must be in [0, 1]")
@@ -207,6 +211,11 @@ def validate(c: ExperimentConfig) -> None:
         0.0 < c.fedgalore_angle_threshold <= 90.0, "fedgalore_angle_threshold must be in (0, 90] degrees"
     )
     _require(0.0 < c.holdout_fraction < 1.0, "holdout_fraction must be in (0, 1)")
+    _require(c.tracker in TRACKERS, f"tracker must be {' or '.join(TRACKERS)}, got {c.tracker!r}")
+    _require(
+        c.tracker != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
+        "tracker: tensorboard needs the tensorboard package (pip install tensorboard), or set tracker: none",
+    )
     looks_like_path_or_id = "/" in c.model or Path(c.model).expanduser().exists()
     _require(
         c.model in PRESETS or looks_like_path_or_id,

@@ -12,6 +12,7 @@ import dataclasses
 import warnings
 from dataclasses import dataclass
 
+import datasets
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel
@@ -152,19 +153,28 @@ def subset(encoded: Encoded, indices: list[int]) -> Encoded:
     )
 
 
-def prepare(config: ExperimentConfig) -> Experiment:
-    fields = FieldMap(
+def field_map(config: ExperimentConfig) -> FieldMap:
+    return FieldMap(
         context=config.context_field,
         choices=config.choices_field,
         label=config.label_field,
         group=config.partition_field,
     )
+
+
+def load_eval_split(config: ExperimentConfig) -> datasets.Dataset:
+    """The evaluation questions of ``config`` (the same ones for a run and for ``fedsubspace eval``)."""
+    return load_multiple_choice(
+        config.dataset, config.eval_split, field_map(config), limit=config.max_eval_samples, seed=config.seed
+    )
+
+
+def prepare(config: ExperimentConfig) -> Experiment:
+    fields = field_map(config)
     train = load_multiple_choice(
         config.dataset, config.train_split, fields, limit=config.max_train_samples, seed=config.seed
     )
-    evaluation = load_multiple_choice(
-        config.dataset, config.eval_split, fields, limit=config.max_eval_samples, seed=config.seed
-    )
+    evaluation = load_eval_split(config)
     partitions = partition_indices(
         train,
         config.num_clients,

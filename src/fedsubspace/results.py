@@ -25,11 +25,21 @@ import torch
 import yaml
 from filelock import FileLock, Timeout
 
+from fedsubspace.config import ExperimentConfig
 from fedsubspace.errors import UserError
 from fedsubspace.state import GlobalState, load_sidecar, load_state, save_state
+from fedsubspace.tracking import TENSORBOARD_DIR, TensorBoardTracker, make_tracker
 
 ERROR = "error.txt"  # why a run failed, written by the matrix runner
-OWNED = ("config.yaml", "partition_stats.json", "metrics.jsonl", "summary.json", "checkpoints", ERROR)
+OWNED = (
+    "config.yaml",
+    "partition_stats.json",
+    "metrics.jsonl",
+    "summary.json",
+    "checkpoints",
+    ERROR,
+    TENSORBOARD_DIR,
+)
 LOCK = "run.lock"
 Memories = dict[int, dict[str, torch.Tensor]]  # client -> the tensors it keeps between its rounds
 
@@ -94,7 +104,11 @@ def written_config_difference(path: Path, config: dict[str, Any]) -> str | None:
     written = path / "config.yaml"
     if not written.exists():
         return None
-    return config_difference(yaml.safe_load(written.read_text()) or {}, config)
+    before = yaml.safe_load(written.read_text()) or {}
+    # A key added to fedsubspace after that run was written held its default there.
+    defaults = ExperimentConfig().to_dict()
+    before.update({key: defaults[key] for key in config if key not in before and key in defaults})
+    return config_difference(before, config)
 
 
 def check_same_config(path: Path, config: dict[str, Any]) -> None:
@@ -115,6 +129,7 @@ class RunDirectory:
         if overwrite and resume:
             raise UserError("--overwrite starts over and --resume continues: pass one of them")
         self.path, self.resume = path, resume
+        self.tracker: TensorBoardTracker | None = None  # set by write_config, from the config's tracker
         if not (overwrite or resume):
             if self.finished:
                 raise UserError(f"{path} already holds a finished run; pass --overwrite to replace it")
@@ -150,10 +165,13 @@ class RunDirectory:
         if self.resume:
             check_same_config(self.path, config)
         _write_atomic(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        self.tracker = make_tracker(config.get("tracker", "none"), self.path, lambda: read_metrics(self.path))
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         with (self.path / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(_json_ready(row)) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(row)
 
     def save_checkpoint(self, name: str, state: GlobalState) -> None:
         save_state(self.path / "checkpoints" / f"{name}.safetensors", state)
