@@ -25,6 +25,7 @@ import torch
 import yaml
 from filelock import FileLock, Timeout
 
+from fedsubspace.config import with_defaults
 from fedsubspace.errors import UserError
 from fedsubspace.state import GlobalState, load_sidecar, load_state, save_state
 
@@ -94,7 +95,8 @@ def written_config_difference(path: Path, config: dict[str, Any]) -> str | None:
     written = path / "config.yaml"
     if not written.exists():
         return None
-    return config_difference(yaml.safe_load(written.read_text()) or {}, config)
+    # A key added since the run was written reads as its default, which is what that run did.
+    return config_difference(with_defaults(yaml.safe_load(written.read_text()) or {}), config)
 
 
 def check_same_config(path: Path, config: dict[str, Any]) -> None:

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedsubspace.diagnostics import round_diagnostics
+from fedsubspace.diagnostics import DELTA_KEYS, round_delta_diagnostics, round_diagnostics
 from fedsubspace.experiment import Experiment
 from fedsubspace.methods import ClientContext, Method
 from fedsubspace.results import Memories, RunDirectory
 from fedsubspace.scoring import EvalResult, evaluate
-from fedsubspace.state import ClientUpdate, GlobalState
+from fedsubspace.state import ClientUpdate, Factors, GlobalState
 
 DIAGNOSTIC_KEYS = (
     "basis_overlap",
@@ -35,6 +35,8 @@ DIAGNOSTIC_KEYS = (
     "aggregated_update_norm",
     "aggregation_error",
     "principal_angles",
+    "client_average_norm",
+    *DELTA_KEYS,
 )
 
 
@@ -109,6 +111,13 @@ def pool(results: list[EvalResult]) -> EvalResult:
     return EvalResult(loss=loss_sum / count, accuracy=correct / count, num_examples=count)
 
 
+def round_start(method: Method, state: GlobalState, update: ClientUpdate) -> Factors:
+    """The adapter the client of ``update`` started its round from: the global state read out at its rank
+    and scaling (every method but a personalised one starts a client there)."""
+    rank = next(iter(update.factors.values()))[0].shape[-1]
+    return method.readout(state, rank, update.scaling if update.scaling is not None else state.scaling)
+
+
 @dataclass
 class ClientResults:
     """The clients' side of one round, as a runner collected it.
@@ -176,9 +185,13 @@ class RoundServer:
         if updates:
             total = sum(u.num_examples for u in updates)
             weights = [u.num_examples / total for u in updates]
-            self.state = self.method.aggregate(self.state, updates, weights)
+            previous = self.state
+            self.state = self.method.aggregate(previous, updates, weights)
             aggregated = time.perf_counter()
             diagnostics = round_diagnostics(updates, weights, self.state)
+            if not self.method.personalised:  # a personalised client starts from its private B: unknown here
+                starts = [round_start(self.method, previous, u) for u in updates]
+                diagnostics.update(round_delta_diagnostics(updates, starts, weights, previous, self.state))
         else:
             self.log(f"round {clients.round_index}: no usable client update; the global model is unchanged")
             self.state = self.state.next()
