@@ -30,7 +30,15 @@ from fedsubspace.errors import UserError
 from fedsubspace.state import GlobalState, load_sidecar, load_state, save_state
 
 ERROR = "error.txt"  # why a run failed, written by the matrix runner
-OWNED = ("config.yaml", "partition_stats.json", "metrics.jsonl", "summary.json", "checkpoints", ERROR)
+OWNED = (
+    "config.yaml",
+    "partition_stats.json",
+    "metrics.jsonl",
+    "summary.json",
+    "checkpoints",
+    "predictions",  # fedsubspace.predictions.DIRECTORY
+    ERROR,
+)
 LOCK = "run.lock"
 Memories = dict[int, dict[str, torch.Tensor]]  # client -> the tensors it keeps between its rounds
 

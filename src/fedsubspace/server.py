@@ -11,7 +11,6 @@ write the same results directory, line for line.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,8 +20,9 @@ from typing import Any
 from fedsubspace.diagnostics import DELTA_KEYS, round_delta_diagnostics, round_diagnostics
 from fedsubspace.experiment import Experiment
 from fedsubspace.methods import ClientContext, Method
+from fedsubspace.predictions import copy_predictions, write_predictions
 from fedsubspace.results import Memories, RunDirectory
-from fedsubspace.scoring import EvalResult, evaluate
+from fedsubspace.scoring import EvalResult, ExamplePredictions, evaluate
 from fedsubspace.state import ClientUpdate, Factors, GlobalState
 
 DIAGNOSTIC_KEYS = (
@@ -108,7 +108,17 @@ def pool(results: list[EvalResult]) -> EvalResult:
         count += result.num_examples
     if count == 0:
         return EvalResult(loss=float("nan"), accuracy=float("nan"), num_examples=0)
-    return EvalResult(loss=loss_sum / count, accuracy=correct / count, num_examples=count)
+    parts = [r.examples for r in results]
+    examples = (
+        None
+        if any(part is None for part in parts)
+        else ExamplePredictions(
+            predicted=[v for part in parts for v in part.predicted],  # type: ignore[union-attr]
+            labels=[v for part in parts for v in part.labels],  # type: ignore[union-attr]
+            losses=[v for part in parts for v in part.losses],  # type: ignore[union-attr]
+        )
+    )
+    return EvalResult(loss=loss_sum / count, accuracy=correct / count, num_examples=count, examples=examples)
 
 
 def round_start(method: Method, state: GlobalState, update: ClientUpdate) -> Factors:
@@ -172,7 +182,7 @@ class RoundServer:
     @staticmethod
     def start_progress(initial: EvalResult) -> dict[str, Any]:
         """The progress of a run that has only evaluated its initial model."""
-        return {"initial": dataclasses.asdict(initial), "best_accuracy": initial.accuracy, "best_round": 0}
+        return {"initial": initial.totals(), "best_accuracy": initial.accuracy, "best_round": 0}
 
     @property
     def initial(self) -> EvalResult:
@@ -225,9 +235,11 @@ class RoundServer:
             "eval_seconds": finished - pending.diagnosed,
         }
         self.run_dir.append_metrics(self.row)
+        write_predictions(self.run_dir.path, "final", clients.round_index, result)
         if result.accuracy > self.progress["best_accuracy"]:
             self.progress.update(best_accuracy=result.accuracy, best_round=clients.round_index)
             self.run_dir.save_checkpoint("best", self.state)
+            write_predictions(self.run_dir.path, "best", clients.round_index, result)
         self.log(round_line(self.row, self.num_rounds))
         return self.row
 
@@ -252,5 +264,6 @@ class RoundServer:
         }
         if self.progress["best_round"] == 0:
             self.run_dir.save_checkpoint("best", exp.initial_state)
+            copy_predictions(self.run_dir.path, "initial", "best")
         self.run_dir.write_json("summary.json", summary)
         return summary
