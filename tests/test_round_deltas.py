@@ -171,3 +171,20 @@ def test_delta_metrics_are_gauge_invariant(m, n, r, clients, seed, method):
     moved_new = dataclasses.replace(new, factors=gauge(new.factors, gen))
     after = round_delta_diagnostics(moved_updates, moved_starts, p, moved_previous, moved_new)
     assert_metrics_equal(after, before, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["fedex", "flora"])
+def test_a_run_logs_the_delta_metrics_every_round(tmp_path, method):
+    from test_simulation import tiny
+
+    from fedsubspace import simulation
+    from fedsubspace.results import read_metrics
+
+    summary = simulation.run(tiny("tiny-encoder", method), tmp_path, progress=False)
+    rows = read_metrics(tmp_path)
+    assert len(rows) == summary["num_rounds"]
+    for row in rows:
+        for key in (*DELTA_KEYS, "client_average_norm"):
+            assert row[key] is not None and math.isfinite(row[key]), key
+        assert 0.0 <= row["delta_overlap"] <= 1.0 and 0.0 <= row["delta_cancellation_ratio"] <= 1.0 + 1e-9
+    assert set(DELTA_KEYS) <= set(summary["final_diagnostics"])
