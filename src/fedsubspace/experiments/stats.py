@@ -99,28 +99,22 @@ def unpaired_normal(seeds: list[tuple[float, int, float, int]]) -> Interval:
     return Interval(estimate, estimate - Z * se, estimate + Z * se, "unpaired normal")
 
 
-def _correct(run: RunRecord, kind: str) -> np.ndarray | None:
-    kept = read_predictions(run.path, kind)
-    if kept is None:
-        return None
-    return np.array(kept.examples.correct(), dtype=np.int8)
-
-
 def compare(runs_a: dict[int, RunRecord], runs_b: dict[int, RunRecord], kind: str) -> Interval | None:
     """``kind`` (final or best) accuracy of runs_a minus runs_b over their shared seeds: paired where
-    every shared seed kept predictions on one evaluation set, else unpaired; None without shared seeds."""
+    every shared seed kept predictions on the same questions (same labels in the same order), else
+    unpaired; None without shared seeds or without the numbers either needs."""
     seeds = sorted(set(runs_a) & set(runs_b))
     if not seeds:
         return None
-    key = dict(KINDS)[kind]
     pairs = []
     for seed in seeds:
-        a, b = _correct(runs_a[seed], kind), _correct(runs_b[seed], kind)
-        if a is None or b is None or len(a) != len(b):
+        a, b = read_predictions(runs_a[seed].path, kind), read_predictions(runs_b[seed].path, kind)
+        if a is None or b is None or a.examples.labels != b.examples.labels:
             break
-        pairs.append((a, b))
+        pairs.append((np.array(a.examples.correct(), np.int8), np.array(b.examples.correct(), np.int8)))
     else:
         return paired_bootstrap(pairs)
+    key = dict(KINDS)[kind]
     summaries = [(runs_a[s].summary or {}, runs_b[s].summary or {}) for s in seeds]
     if any("eval_examples" not in sa or "eval_examples" not in sb for sa, sb in summaries):
         return None
