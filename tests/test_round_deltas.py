@@ -188,3 +188,54 @@ def test_a_run_logs_the_delta_metrics_every_round(tmp_path, method):
             assert row[key] is not None and math.isfinite(row[key]), key
         assert 0.0 <= row["delta_overlap"] <= 1.0 and 0.0 <= row["delta_cancellation_ratio"] <= 1.0 + 1e-9
     assert set(DELTA_KEYS) <= set(summary["final_diagnostics"])
+
+
+@pytest.mark.parametrize("method", ["hetlora", "flexlora", "glora", "flora"])
+@pytest.mark.parametrize("ranks", [[2, 4, 4], [1, 3]])
+def test_delta_metrics_on_mixed_ranks_match_dense_definitions(method, ranks):
+    """Each client starts from the global adapter read out at its own rank and scaling (the server's
+    round_start); its delta and top-r_i subspace are at that rank."""
+    from test_newer_methods import mixed_round
+
+    from fedsubspace.server import round_start
+
+    previous, updates, p = mixed_round(ranks, seed=sum(ranks))
+    rule = get_method(method, MethodOptions())
+    new = rule.aggregate(previous, updates, p)
+    starts = [round_start(rule, previous, u) for u in updates]
+    got = round_delta_diagnostics(updates, starts, p, previous, new)
+
+    modules = list(previous.factors)
+    s_prev = previous.scaling
+
+    def client_delta(u, start, m):
+        return u.scaling * u.factors[m][0] @ u.factors[m][1] - u.scaling * start[m][0] @ start[m][1]
+
+    aggregate = {
+        m: new.scaling * new.factors[m][0] @ new.factors[m][1]
+        + (new.merged[m][0] @ new.merged[m][1] if m in new.merged else 0)
+        - s_prev * previous.factors[m][0] @ previous.factors[m][1]
+        for m in modules
+    }
+    deltas = {m: [client_delta(u, st, m) for u, st in zip(updates, starts)] for m in modules}
+    flat = [torch.cat([deltas[m][i].flatten() for m in modules]) for i in range(len(updates))]
+    flat_aggregate = torch.cat([aggregate[m].flatten() for m in modules])
+    weighted = sum(w * float(f.norm()) for w, f in zip(p, flat))
+    assert got["delta_cancellation_ratio"] == pytest.approx(
+        float(sum(w * f for w, f in zip(p, flat)).norm()) / weighted
+    )
+    cosines = [float(f @ flat_aggregate / (f.norm() * flat_aggregate.norm())) for f in flat]
+    assert got["delta_cosine"] == pytest.approx(sum(cosines) / len(cosines))
+    overlaps = [
+        overlap(top_basis(deltas[m][i], ranks[i]), top_basis(aggregate[m], previous.rank))
+        for m in modules
+        for i in range(len(updates))
+    ]
+    assert got["delta_overlap"] == pytest.approx(sum(overlaps) / len(overlaps))
+    pairs = [
+        overlap(top_basis(deltas[m][i], ranks[i]), top_basis(deltas[m][j], ranks[j]))
+        for m in modules
+        for i in range(len(updates))
+        for j in range(i + 1, len(updates))
+    ]
+    assert got["pairwise_delta_overlap"] == pytest.approx(sum(pairs) / len(pairs))
