@@ -48,6 +48,7 @@ def round_line(row: dict[str, Any], num_rounds: int) -> str:
     return (
         f"round {row['round']:>3}/{num_rounds}  acc {fmt('eval_accuracy')}  loss {fmt('eval_loss')}  "
         f"train {fmt('train_loss')}  overlap {fmt('basis_overlap')}  update_overlap {fmt('update_overlap')}  "
+        f"delta_overlap {fmt('delta_overlap')}  "
         f"{row['seconds']:.1f}s"
     )
 
