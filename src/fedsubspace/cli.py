@@ -66,8 +66,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from fedsubspace.experiments.report import write_report
 
-    out = write_report(args.dir)
-    print(f"report in {out}: index.html, summary.md, summary.csv and the plots")
+    out = write_report(args.dir, baseline=args.baseline)
+    print(f"report in {out}: index.html, summary.md, summary.csv, comparisons.csv and the plots")
     return 0
 
 
@@ -232,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="tables and plots of every results directory under DIR")
     report.add_argument("dir", type=Path, help="a matrix directory (or any directory holding runs)")
+    report.add_argument(
+        "--baseline",
+        default="fedavg",
+        help="the method every other is compared with, paired (default fedavg)",
+    )
     report.set_defaults(func=cmd_report)
 
     demo = commands.add_parser("demo", help="run two methods on one config and compare them per round")

@@ -52,6 +52,10 @@ class ExperimentConfig:
     partition_field: str = "activity_label"
     max_train_samples: int | None = 8000
     max_eval_samples: int | None = 1000
+    # Which evaluation questions a run draws when max_eval_samples subsamples: null = the run's seed (a
+    # different set per seed, the Subspace-Reg paper's protocol), an integer = that draw for every seed
+    # and method (a fixed set: accuracies pair across seeds as well as across methods).
+    eval_seed: int | None = None
     # federation
     num_clients: int = 10
     client_fraction: float = 0.3
@@ -73,6 +77,9 @@ class ExperimentConfig:
     lambda_reg: float = 1e-5
     max_update_norm: float | None = None
     preserve_norm: bool = True
+    # subspace_reg's server split: orthonormal (B = U, default) or paper_code (the reference code's
+    # factors, both rescaled by sqrt(||T|| / ||T_r||); the same product)
+    subspace_reg_split: str = "orthonormal"
     fedrot_lam: float = 1.0  # 0 = fedavg, 1 = hard alignment
     fedrot_align: str = "alternate"  # alternate | A | B
     glora_server_rank: int | str | None = None  # null: the largest client rank; "union": exact
@@ -88,6 +95,15 @@ class ExperimentConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+
+
+def with_defaults(written: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config as written by a run, with the keys added to fedsubspace since then at their
+    defaults (a new key's default always reproduces what runs did before it existed)."""
+    defaults = ExperimentConfig().to_dict()
+    return {**written, **{key: value for key, value in defaults.items() if key not in written}}
+
+
 _HINTS = typing.get_type_hints(ExperimentConfig)
 
 
@@ -200,6 +216,10 @@ def validate(c: ExperimentConfig) -> None:
 
     _require(c.method in METHODS, f"unknown method {c.method!r}; choose one of: {', '.join(sorted(METHODS))}")
     _require(0.0 <= c.fedrot_lam <= 1.0, "fedrot_lam must be in [0, 1]")
+    _require(
+        c.subspace_reg_split in ("orthonormal", "paper_code"),
+        "subspace_reg_split must be orthonormal or paper_code",
+    )
     _require(c.fedrot_align in ("alternate", "A", "B"), "fedrot_align must be alternate, A or B")
     _require(
         c.glora_server_rank is None
@@ -248,6 +268,7 @@ def validate(c: ExperimentConfig) -> None:
     for key in ("max_grad_norm", "max_update_norm"):
         value = getattr(c, key)
         _require(value is None or value > 0, f"{key} must be positive (or null to disable)")
+    _require(c.eval_seed is None or c.eval_seed >= 0, "eval_seed must be a non-negative integer (or null)")
     for key in ("max_train_samples", "max_eval_samples"):
         value = getattr(c, key)
         _require(value is None or value >= 1, f"{key} must be at least 1 (or null for all)")

@@ -56,12 +56,18 @@ def method_options(config: ExperimentConfig) -> MethodOptions:
         lambda_reg=config.lambda_reg,
         max_update_norm=config.max_update_norm,
         preserve_norm=config.preserve_norm,
+        subspace_reg_split=config.subspace_reg_split,  # type: ignore[arg-type]  (validated)
         seed=config.seed,
         fedrot_lam=config.fedrot_lam,
         fedrot_align=config.fedrot_align,  # type: ignore[arg-type]  (validated)
         glora_server_rank=config.glora_server_rank,  # type: ignore[arg-type]  (validated)
         fedgalore_angle=config.fedgalore_angle_threshold,
     )
+
+
+def eval_seed(config: ExperimentConfig) -> int:
+    """The seed of the evaluation subsample: ``eval_seed``, or the run's seed when that is null."""
+    return config.seed if config.eval_seed is None else config.eval_seed
 
 
 def local_schedule(config: ExperimentConfig) -> LocalSchedule:
@@ -165,7 +171,11 @@ def field_map(config: ExperimentConfig) -> FieldMap:
 def load_eval_split(config: ExperimentConfig) -> datasets.Dataset:
     """The evaluation questions of ``config`` (the same ones for a run and for ``fedsubspace eval``)."""
     return load_multiple_choice(
-        config.dataset, config.eval_split, field_map(config), limit=config.max_eval_samples, seed=config.seed
+        config.dataset,
+        config.eval_split,
+        field_map(config),
+        limit=config.max_eval_samples,
+        seed=eval_seed(config),
     )
 
 

@@ -295,15 +295,22 @@ def soft_rotation(rotation: Tensor, lam: float) -> Tensor:
     return polar((1.0 - lam) * eye + lam * rotation)
 
 
-def product_basis(left: Tensor, right: Tensor, rtol: float | None = None) -> Tensor:
+def product_basis(left: Tensor, right: Tensor, rtol: float | None = None, rank: int | None = None) -> Tensor:
     """Orthonormal basis of the column space of ``left @ right`` (its left singular subspace).
 
     Unlike ``orthonormal_basis(left)`` it drops directions that ``right`` annihilates or barely keeps,
-    so it depends only on the product, never on how the product is split into factors.
+    so it depends only on the product, never on how the product is split into factors. ``rank`` keeps
+    only the top ``rank`` left singular vectors (the product's top-r subspace).
     """
     svd = factored_svd(left, right)
     if rtol is None:
         rtol = default_rtol(left.shape[-2], right.shape[-1], left.dtype)
     if svd.S.numel() == 0 or svd.S[0] == 0:
         return svd.U[..., :0]
-    return svd.U[..., : int((svd.S > rtol * svd.S[0]).sum())]
+    kept = int((svd.S > rtol * svd.S[0]).sum())
+    return svd.U[..., : kept if rank is None else min(kept, rank)]
+
+
+def difference(left1: Tensor, right1: Tensor, left2: Tensor, right2: Tensor) -> tuple[Tensor, Tensor]:
+    """``L1 R1 - L2 R2`` as one product ``[L1, -L2] @ [R1; R2]`` (inner size the sum of the two)."""
+    return torch.cat([left1, -left2], dim=-1), torch.cat([right1, right2], dim=-2)

@@ -25,7 +25,7 @@ import torch
 import yaml
 from filelock import FileLock, Timeout
 
-from fedsubspace.config import ExperimentConfig
+from fedsubspace.config import with_defaults
 from fedsubspace.errors import UserError
 from fedsubspace.state import GlobalState, load_sidecar, load_state, save_state
 from fedsubspace.tracking import TENSORBOARD_DIR, TensorBoardTracker, make_tracker
@@ -37,6 +37,7 @@ OWNED = (
     "metrics.jsonl",
     "summary.json",
     "checkpoints",
+    "predictions",  # fedsubspace.predictions.DIRECTORY
     ERROR,
     TENSORBOARD_DIR,
 )
@@ -104,11 +105,8 @@ def written_config_difference(path: Path, config: dict[str, Any]) -> str | None:
     written = path / "config.yaml"
     if not written.exists():
         return None
-    before = yaml.safe_load(written.read_text()) or {}
-    # A key added to fedsubspace after that run was written held its default there.
-    defaults = ExperimentConfig().to_dict()
-    before.update({key: defaults[key] for key in config if key not in before and key in defaults})
-    return config_difference(before, config)
+    # A key added since the run was written reads as its default, which is what that run did.
+    return config_difference(with_defaults(yaml.safe_load(written.read_text()) or {}), config)
 
 
 def check_same_config(path: Path, config: dict[str, Any]) -> None:

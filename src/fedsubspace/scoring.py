@@ -8,7 +8,7 @@ runs once per question and the endings continue from its key/value cache.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import datasets
 import torch
@@ -45,10 +45,50 @@ class Encoded:
 
 
 @dataclass(frozen=True)
+class ExamplePredictions:
+    """Per-example outcome of one evaluation, in the evaluation set's order: what a paired comparison of
+    two models on the same questions needs (predicted index, label, cross-entropy loss)."""
+
+    predicted: list[int]
+    labels: list[int]
+    losses: list[float]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def correct(self) -> list[bool]:
+        return [p == y for p, y in zip(self.predicted, self.labels, strict=True)]
+
+
+@dataclass(frozen=True)
 class EvalResult:
     loss: float
     accuracy: float
     num_examples: int
+    examples: ExamplePredictions | None = field(default=None, compare=False, repr=False)
+
+    def totals(self) -> dict[str, float]:
+        """The three numbers a run's progress and metrics keep (JSON-ready)."""
+        return {"loss": self.loss, "accuracy": self.accuracy, "num_examples": self.num_examples}
+
+
+def result_from_scores(scores: Tensor, labels: Tensor) -> EvalResult:
+    """An evaluation's result from its per-example scores (N x C, higher is better) and labels: the one
+    place every scorer's numbers come from, so the totals are always those of the per-example record."""
+    n = len(labels)
+    if n == 0:
+        return EvalResult(loss=float("nan"), accuracy=float("nan"), num_examples=0)
+    predicted = scores.argmax(-1)
+    return EvalResult(
+        loss=F.cross_entropy(scores, labels).item(),
+        accuracy=int((predicted == labels).sum()) / n,
+        num_examples=n,
+        examples=ExamplePredictions(
+            predicted=predicted.tolist(),
+            labels=labels.tolist(),
+            losses=F.cross_entropy(scores, labels, reduction="none").tolist(),
+        ),
+    )
 
 
 def encode(
@@ -356,12 +396,7 @@ def evaluate(
                 scores = _scores_by_question(model, encoded, kind, batch_size, device, bar, shared_context)
     finally:
         model.train(was_training)
-    labels = torch.tensor(encoded.labels)
-    return EvalResult(
-        loss=F.cross_entropy(scores, labels).item(),
-        accuracy=int((scores.argmax(-1) == labels).sum()) / n,
-        num_examples=n,
-    )
+    return result_from_scores(scores, torch.tensor(encoded.labels))
 
 
 def _scores_by_question(

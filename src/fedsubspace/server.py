@@ -11,19 +11,19 @@ write the same results directory, line for line.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedsubspace.diagnostics import round_diagnostics
+from fedsubspace.diagnostics import DELTA_KEYS, round_delta_diagnostics, round_diagnostics
 from fedsubspace.experiment import Experiment
 from fedsubspace.methods import ClientContext, Method
+from fedsubspace.predictions import copy_predictions, write_predictions
 from fedsubspace.results import Memories, RunDirectory
-from fedsubspace.scoring import EvalResult, evaluate
-from fedsubspace.state import ClientUpdate, GlobalState
+from fedsubspace.scoring import EvalResult, ExamplePredictions, evaluate
+from fedsubspace.state import ClientUpdate, Factors, GlobalState
 
 DIAGNOSTIC_KEYS = (
     "basis_overlap",
@@ -35,6 +35,8 @@ DIAGNOSTIC_KEYS = (
     "aggregated_update_norm",
     "aggregation_error",
     "principal_angles",
+    "client_average_norm",
+    *DELTA_KEYS,
 )
 
 
@@ -46,6 +48,7 @@ def round_line(row: dict[str, Any], num_rounds: int) -> str:
     return (
         f"round {row['round']:>3}/{num_rounds}  acc {fmt('eval_accuracy')}  loss {fmt('eval_loss')}  "
         f"train {fmt('train_loss')}  overlap {fmt('basis_overlap')}  update_overlap {fmt('update_overlap')}  "
+        f"delta_overlap {fmt('delta_overlap')}  "
         f"{row['seconds']:.1f}s"
     )
 
@@ -106,7 +109,24 @@ def pool(results: list[EvalResult]) -> EvalResult:
         count += result.num_examples
     if count == 0:
         return EvalResult(loss=float("nan"), accuracy=float("nan"), num_examples=0)
-    return EvalResult(loss=loss_sum / count, accuracy=correct / count, num_examples=count)
+    parts = [r.examples for r in results]
+    examples = (
+        None
+        if any(part is None for part in parts)
+        else ExamplePredictions(
+            predicted=[v for part in parts for v in part.predicted],  # type: ignore[union-attr]
+            labels=[v for part in parts for v in part.labels],  # type: ignore[union-attr]
+            losses=[v for part in parts for v in part.losses],  # type: ignore[union-attr]
+        )
+    )
+    return EvalResult(loss=loss_sum / count, accuracy=correct / count, num_examples=count, examples=examples)
+
+
+def round_start(method: Method, state: GlobalState, update: ClientUpdate) -> Factors:
+    """The adapter the client of ``update`` started its round from: the global state read out at its rank
+    and scaling (every method but a personalised one starts a client there)."""
+    rank = next(iter(update.factors.values()))[0].shape[-1]
+    return method.readout(state, rank, update.scaling if update.scaling is not None else state.scaling)
 
 
 @dataclass
@@ -163,7 +183,7 @@ class RoundServer:
     @staticmethod
     def start_progress(initial: EvalResult) -> dict[str, Any]:
         """The progress of a run that has only evaluated its initial model."""
-        return {"initial": dataclasses.asdict(initial), "best_accuracy": initial.accuracy, "best_round": 0}
+        return {"initial": initial.totals(), "best_accuracy": initial.accuracy, "best_round": 0}
 
     @property
     def initial(self) -> EvalResult:
@@ -176,9 +196,13 @@ class RoundServer:
         if updates:
             total = sum(u.num_examples for u in updates)
             weights = [u.num_examples / total for u in updates]
-            self.state = self.method.aggregate(self.state, updates, weights)
+            previous = self.state
+            self.state = self.method.aggregate(previous, updates, weights)
             aggregated = time.perf_counter()
             diagnostics = round_diagnostics(updates, weights, self.state)
+            if not self.method.personalised:  # a personalised client starts from its private B: unknown here
+                starts = [round_start(self.method, previous, u) for u in updates]
+                diagnostics.update(round_delta_diagnostics(updates, starts, weights, previous, self.state))
         else:
             self.log(f"round {clients.round_index}: no usable client update; the global model is unchanged")
             self.state = self.state.next()
@@ -212,9 +236,11 @@ class RoundServer:
             "eval_seconds": finished - pending.diagnosed,
         }
         self.run_dir.append_metrics(self.row)
+        write_predictions(self.run_dir.path, "final", clients.round_index, result)
         if result.accuracy > self.progress["best_accuracy"]:
             self.progress.update(best_accuracy=result.accuracy, best_round=clients.round_index)
             self.run_dir.save_checkpoint("best", self.state)
+            write_predictions(self.run_dir.path, "best", clients.round_index, result)
         self.log(round_line(self.row, self.num_rounds))
         return self.row
 
@@ -239,5 +265,6 @@ class RoundServer:
         }
         if self.progress["best_round"] == 0:
             self.run_dir.save_checkpoint("best", exp.initial_state)
+            copy_predictions(self.run_dir.path, "initial", "best")
         self.run_dir.write_json("summary.json", summary)
         return summary

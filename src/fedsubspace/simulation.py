@@ -30,6 +30,7 @@ from fedsubspace.client import train_client
 from fedsubspace.config import ExperimentConfig
 from fedsubspace.experiment import local_schedule, method_options, prepare, sample_clients
 from fedsubspace.methods import get_method
+from fedsubspace.predictions import write_predictions
 from fedsubspace.results import Memories, ResumePoint, RunDirectory, claim, read_metrics
 from fedsubspace.server import ClientResults, RoundServer, client_context, evaluate_model
 from fedsubspace.state import GlobalState, MergeLedger, payload_bytes
@@ -84,6 +85,7 @@ def _run(
     point = run_dir.resume_point() if resume else None
     if point is None:
         initial = evaluate_model(exp, method, exp.initial_state, memories)
+        write_predictions(out, "initial", 0, initial)
         # Round 0 is committed too: a resumed run never evaluates the initial model again.
         point = commit(run_dir, exp.initial_state, memories, ledger, RoundServer.start_progress(initial))
     elif progress:

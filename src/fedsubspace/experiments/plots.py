@@ -1,11 +1,14 @@
 """The report's plots, per setup: a metric per round for every method, mean over seeds with a band of
-one standard deviation. Drawn on matplotlib's Agg canvas (files only, no display, no pyplot state).
+one standard error. Drawn on matplotlib's Agg canvas (files only, no display, no pyplot state).
 
 - accuracy: round 0 is the model before training (each method's own initial evaluation: a
   personalised method's is on its clients' held-out data), the centralized reference's final accuracy
-  a dashed line;
-- basis overlap, update overlap, cancellation ratio: the federated methods only (with one client the
-  centralized reference has nothing to compare).
+  a dashed line; the band is the binomial standard error of the mean over seeds,
+  ``sqrt(sum_s a_s (1 - a_s) / n_s) / k`` (the evaluation questions' sampling error, defined for one
+  seed too), or the seeds' ``std / sqrt(k)`` where a summary does not say n;
+- basis overlap, update overlap, cancellation ratio and the round-delta diagnostics: the federated
+  methods only (with one client the centralized reference has nothing to compare), band ``std /
+  sqrt(k)`` over seeds; a diagnostic no run logged (runs older than it) gets no plot.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ DIAGNOSTICS = (
     ("basis_overlap", "basis overlap"),
     ("update_overlap", "update overlap"),
     ("cancellation_ratio", "cancellation ratio"),
+    ("delta_overlap", "round-delta overlap (client vs aggregate)"),
+    ("pairwise_delta_overlap", "pairwise round-delta overlap"),
+    ("delta_cancellation_ratio", "round-delta cancellation ratio"),
+    ("delta_cosine", "round-delta cosine (client vs aggregate)"),
 )
 # tab20's strong shades first, then its light ones: up to ten methods get strong colours.
 _PALETTE = [*colormaps["tab20"].colors[0::2], *colormaps["tab20"].colors[1::2]]
@@ -53,18 +60,33 @@ def _per_round(runs: list[RunRecord], key: str, initial: str | None = None) -> n
     return values
 
 
-def _draw(ax: Axes, values: np.ndarray, first_round: int, label: str, colour: Any) -> None:
+def _accuracy_se(values: np.ndarray, runs: list[RunRecord]) -> np.ndarray | None:
+    """Per round, the binomial standard error of the mean accuracy over seeds (None: n unknown)."""
+    counts = [run.summary.get("eval_examples") if run.summary else None for run in runs]
+    if None in counts:
+        return None
+    n = np.array(counts, dtype=np.float64)[:, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        present = (~np.isnan(values)).sum(axis=0)
+        return np.sqrt(np.nansum(values * (1 - values) / n, axis=0)) / present
+
+
+def _draw(
+    ax: Axes, values: np.ndarray, first_round: int, label: str, colour: Any, se: np.ndarray | None = None
+) -> None:
     with warnings.catch_warnings():  # rounds no seed has leave gaps, which is what NaN draws
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(values, axis=0)
-        std = np.nanstd(values, axis=0, ddof=1) if len(values) > 1 else None
+        if se is None and len(values) > 1:
+            se = np.nanstd(values, axis=0, ddof=1) / np.sqrt((~np.isnan(values)).sum(axis=0))
     if np.isnan(mean).all():
         return
     rounds = np.arange(first_round, first_round + values.shape[1])
     seeds = f"{len(values)} seed" + ("s" if len(values) > 1 else "")
     ax.plot(rounds, mean, marker="o", markersize=3, color=colour, label=f"{label} ({seeds})")
-    if std is not None:
-        ax.fill_between(rounds, mean - std, mean + std, color=colour, alpha=0.15, linewidth=0)
+    if se is not None:
+        ax.fill_between(rounds, mean - se, mean + se, color=colour, alpha=0.15, linewidth=0)
 
 
 def _save(fig: Figure, ax: Axes, path: Path, title: str, ylabel: str) -> None:
@@ -98,18 +120,23 @@ def plot_setup(out: Path, setup: str, runs: list[RunRecord], colours: dict[str, 
 
     fig, ax = _figure()
     for label, group in federated.items():
-        _draw(
-            ax, _per_round(group, "eval_accuracy", initial="initial_eval_accuracy"), 0, label, colours[label]
-        )
+        accuracy = _per_round(group, "eval_accuracy", initial="initial_eval_accuracy")
+        _draw(ax, accuracy, 0, label, colours[label], _accuracy_se(accuracy, group))
     if CENTRALIZED in by_label:
         finals = [r.summary["final_eval_accuracy"] for r in by_label[CENTRALIZED] if r.summary]
         ax.axhline(
             float(np.mean(finals)), color="black", linestyle="--", linewidth=1, label="centralized (final)"
         )
     names.append(f"{slug(setup)}-accuracy.png")
-    _save(fig, ax, out / names[-1], f"{setup}: eval accuracy (round 0: before training)", "accuracy")
+    _save(
+        fig, ax, out / names[-1], f"{setup}: eval accuracy (round 0: before training; band: 1 SE)", "accuracy"
+    )
 
     for key, title in DIAGNOSTICS:
+        if not any(
+            row.get(key) is not None for group in federated.values() for run in group for row in run.rows
+        ):
+            continue
         fig, ax = _figure()
         for label, group in federated.items():
             _draw(ax, _per_round(group, key), 1, label, colours[label])

@@ -13,11 +13,12 @@ import csv
 import html
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsubspace.experiments import stats
 from fedsubspace.experiments.layout import CENTRALIZED, INITIAL, REPORT, RunRecord, Status, collect
 from fedsubspace.experiments.plots import colour_map, plot_setup
 from fedsubspace.markdown import markdown_table
@@ -179,7 +180,12 @@ def _incomplete_detail(run: RunRecord) -> str:
 
 
 def write_markdown(
-    path: Path, rows: list[TableRow], mixed: dict[str, str], unfinished: list[RunRecord], root: Path
+    path: Path,
+    rows: list[TableRow],
+    mixed: dict[str, str],
+    unfinished: list[RunRecord],
+    root: Path,
+    statistics: Sequence[str] = (),
 ) -> None:
     header = ["config", "method", "seeds", *(m.title for m in METRICS)]
     body = (
@@ -189,6 +195,7 @@ def write_markdown(
     lines = ["# fedsubspace report", "", DEFINITIONS, "", markdown_table(header, body)]
     if mixed:
         lines += ["", MIXED_SEEDS, ""] + [f"- {setup}: {groups}" for setup, groups in mixed.items()]
+    lines += list(statistics)
     if unfinished:
         listed = (
             # an error message must not split the row
@@ -240,6 +247,7 @@ def write_html(
     unfinished: list[RunRecord],
     plots: dict[str, list[str]],
     root: Path,
+    statistics: dict[str, list[tuple[str, list[str], list[list[str]]]]] | None = None,
 ) -> None:
     header = ["method", "seeds", *(m.title for m in METRICS)]
     parts = [
@@ -257,6 +265,10 @@ def write_html(
         parts += [f"<h2>{html.escape(setup)}</h2>", _html_table(header, body)]
         if setup in mixed:
             parts.append(f"<p>{html.escape(MIXED_SEEDS)} {html.escape(mixed[setup])}.</p>")
+        for caption, header, body in (statistics or {}).get(setup, []):
+            parts.append(f"<p>{html.escape(caption)}</p>")
+            if header:
+                parts.append(_html_table(header, body))
         parts += [
             f"<a href='{html.escape(name)}'><img src='{html.escape(name)}' alt='{html.escape(name)}'></a>"
             for name in plots.get(setup, [])
@@ -269,8 +281,9 @@ def write_html(
     path.write_text("\n".join(parts) + "\n")
 
 
-def write_report(root: Path) -> Path:
-    """The report of every run under ``root``, in ``root/report/``; returns that directory."""
+def write_report(root: Path, baseline: str = "fedavg") -> Path:
+    """The report of every run under ``root``, in ``root/report/``; returns that directory. Paired
+    differences are taken to the method ``baseline`` (:mod:`.stats`)."""
     records = collect(root)
     out = root / REPORT
     out.mkdir(exist_ok=True)
@@ -284,7 +297,12 @@ def write_report(root: Path) -> Path:
         for setup in sorted({row.setup for row in rows})
     }
     mixed = seed_groups(rows)
-    write_markdown(out / "summary.md", rows, mixed, unfinished, root)
+    statistics = stats.all_statistics(records, baseline)
+    write_markdown(
+        out / "summary.md", rows, mixed, unfinished, root, stats.markdown_section(statistics, baseline)
+    )
     write_csv(out / "summary.csv", rows)
-    write_html(out / "index.html", rows, mixed, unfinished, plots, root)
+    stats.write_csv(out / "comparisons.csv", statistics)
+    tables = {s.setup: stats.setup_tables(s, baseline) for s in statistics}
+    write_html(out / "index.html", rows, mixed, unfinished, plots, root, tables)
     return out

@@ -44,6 +44,7 @@ from fedsubspace.flower.payload import (
 )
 from fedsubspace.flower.settings import FlowerSettings, config_digest
 from fedsubspace.methods import ClientContext, Method, get_method
+from fedsubspace.predictions import write_predictions
 from fedsubspace.results import RunDirectory, claim
 from fedsubspace.scoring import EvalResult
 from fedsubspace.server import ClientResults, RoundServer, client_context, done_line, evaluate_model, pool
@@ -363,6 +364,7 @@ class SubspaceStrategy(FedAvg):
         personalised method itself); later rounds: the new model, then the metrics line and checkpoints."""
         if server_round == 0:
             result = evaluate_model(self.exp, self.method, self.server.state, {})
+            write_predictions(self.server.run_dir.path, "initial", 0, result)
             self.server.progress = RoundServer.start_progress(result)
         else:
             if self.method.personalised:

@@ -39,6 +39,8 @@ class MethodOptions:
     lambda_reg: float = 1e-5
     max_update_norm: float | None = None
     preserve_norm: bool = True
+    # subspace_reg: "orthonormal" (B = U) or "paper_code" (the reference code's rescaled factors)
+    subspace_reg_split: Literal["orthonormal", "paper_code"] = "orthonormal"
     seed: int = 0  # the run seed, for server-side draws (flora's fresh A)
     fedrot_lam: float = 1.0
     fedrot_align: Literal["alternate", "A", "B"] = "alternate"

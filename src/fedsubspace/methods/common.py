@@ -59,25 +59,6 @@ def merged_residual(state: GlobalState, merges: Factors) -> dict[str, Tensor]:
     return residual
 
 
-def truncated_average(
-    updates: list[ClientUpdate],
-    weights: list[float],
-    module: str,
-    scaling: float,
-    rank: int,
-    max_norm: float | None,
-    preserve_norm: bool,
-) -> lowrank.TruncatedSVD:
-    """Rank-``rank`` SVD of the exact average ``T = sum p_i s_i B_i A_i`` of one module, in factored form.
-
-    ``max_norm`` clips ``||T||_F`` first; ``preserve_norm`` rescales the truncated update to the
-    (clipped) norm of T, as the Subspace-Reg reference implementation does.
-    """
-    full = lowrank.factored_svd(*exact_sum(updates, weights, module, scaling))
-    S = lowrank.clip_and_preserve(full.S, rank, max_norm, preserve_norm)
-    return lowrank.TruncatedSVD(U=full.U[..., :rank], S=S, Vh=full.Vh[..., :rank, :])
-
-
 def svd_refactorise(
     state: GlobalState,
     updates: list[ClientUpdate],
@@ -85,10 +66,30 @@ def svd_refactorise(
     split: lowrank.Split,
     max_norm: float | None,
     preserve_norm: bool,
+    *,
+    rescale_factors: bool = False,
 ) -> GlobalState:
-    """The exact average of client products, truncated to the global rank and split by ``split``."""
+    """The exact average of client products ``T = sum p_i s_i B_i A_i``, truncated to the global rank and
+    split by ``split``; each module's SVD is taken in factored form.
+
+    ``max_norm`` clips ``||T||_F`` first; ``preserve_norm`` rescales the truncated update to the
+    (clipped) norm of T, as the Subspace-Reg reference implementation does: here by scaling the kept
+    singular values. ``rescale_factors`` applies that gain the way the reference code does instead:
+    the split of the unrescaled truncation, then both factors times ``sqrt(||T|| / ||T_r||)``. The
+    product is the same; the factors differ (an ``orthonormal_B`` split's B is then no longer
+    orthonormal).
+    """
     factors = {}
+    rank = state.rank
     for module in state.factors:
-        svd = truncated_average(updates, weights, module, state.scaling, state.rank, max_norm, preserve_norm)
-        factors[module] = lowrank.split_factors(svd, state.scaling, split, state.rank)
+        full = lowrank.factored_svd(*exact_sum(updates, weights, module, state.scaling))
+        S = lowrank.clip_and_preserve(full.S, rank, max_norm, preserve_norm)
+        svd = lowrank.TruncatedSVD(U=full.U[..., :rank], S=S, Vh=full.Vh[..., :rank, :])
+        B, A = lowrank.split_factors(svd, state.scaling, split, rank)
+        if rescale_factors:
+            unrescaled = lowrank.clip_and_preserve(full.S, rank, max_norm, preserve_norm=False)
+            kept, raw = torch.linalg.vector_norm(S), torch.linalg.vector_norm(unrescaled)
+            root_gain = torch.sqrt(kept / raw) if raw > 0 else torch.ones_like(raw)
+            B, A = B * root_gain, A / root_gain
+        factors[module] = (B, A)
     return state.next(factors=factors, head=average_heads(updates, weights))

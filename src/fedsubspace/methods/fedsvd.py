@@ -2,6 +2,11 @@
 
 Uplink B only. ``B_bar = sum p_i B_i``; ``T = s B_bar A_g`` has rank <= r, so its rank-r SVD is exact;
 ``A = V^T`` (orthonormal rows), ``B = U S / s``. A changes every round, so the downlink carries both.
+
+``max_update_norm`` is applied: ``||T||_F`` is clipped to it per module before the split, as the
+Subspace-Reg paper's fedsvd baseline does (its configs set 15 for the encoder, 25 for the causal model).
+FedSVD's own code has no clip; leave ``max_update_norm`` null (the default) to reproduce it. The truncation
+is exact here, so ``preserve_norm`` has nothing to restore and does not apply.
 """
 
 from __future__ import annotations
@@ -23,5 +28,9 @@ class FedSVD(Method):
             rank = B_g.shape[-1]
             B_bar = weighted_sum([u.factors[module][0] for u in updates], weights)
             svd = lowrank.factored_svd(state.scaling * B_bar, A_g, rank)
+            clipped = lowrank.clip_and_preserve(
+                svd.S, rank, self.options.max_update_norm, preserve_norm=False
+            )
+            svd = lowrank.TruncatedSVD(U=svd.U, S=clipped, Vh=svd.Vh)
             factors[module] = lowrank.split_factors(svd, state.scaling, "orthonormal_A", rank)
         return state.next(factors=factors, head=average_heads(updates, weights))

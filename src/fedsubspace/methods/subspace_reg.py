@@ -5,6 +5,13 @@ Client loss: ``L_task + (1/L) sum_modules [(mu/2)||s B A - dW_g||^2 + (alpha/2)|
 matrices, batched over modules of equal shape, never forming an m x n matrix per step. Server: the
 exact average of client products, truncated to rank r, split as ``B = U`` (orthonormal columns: the
 next round's reference basis) and ``A = S V^T / s``; same clip and norm-preserve options as svd.
+
+Departure from the paper's code (docs/methods.md): here B is orthonormal, as the paper's text and its
+code's docstring say it should be, and ``preserve_norm`` scales the kept singular values. The paper's code
+splits first and then rescales both factors by ``sqrt(||T|| / ||T_r||)``, so its B is orthonormal only up
+to that factor. The products are identical. ``subspace_reg_split: paper_code`` reproduces the paper
+code's factors exactly (which matters to the next round's ``||B - B_g||`` anchor and to basis_overlap's
+input, not to the model).
 """
 
 from __future__ import annotations
@@ -70,4 +77,12 @@ class SubspaceReg(Method):
 
     def aggregate(self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]) -> GlobalState:
         o = self.options
-        return svd_refactorise(state, updates, weights, "orthonormal_B", o.max_update_norm, o.preserve_norm)
+        return svd_refactorise(
+            state,
+            updates,
+            weights,
+            "orthonormal_B",
+            o.max_update_norm,
+            o.preserve_norm,
+            rescale_factors=o.subspace_reg_split == "paper_code",
+        )

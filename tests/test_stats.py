@@ -1,0 +1,143 @@
+"""The report's statistics (experiments/stats.py): the paired interval's coverage on synthetic
+predictions, the unpaired fallback by hand, and the report's tables on hand-written runs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_report import metric_row, write_run
+
+from fedsubspace.cli import main
+from fedsubspace.experiments import stats
+from fedsubspace.experiments.layout import collect
+from fedsubspace.predictions import write_predictions
+from fedsubspace.scoring import result_from_scores
+
+
+def synthetic_pair(rng: np.random.Generator, n: int, gain: float) -> tuple[np.ndarray, np.ndarray]:
+    """A baseline right on half the questions and a method that additionally gets right a fraction
+    ``gain`` of the questions (the population difference is gain / 2), with per-question noise shared
+    between the two (the pairing the bootstrap exploits)."""
+    baseline = rng.random(n) < 0.5
+    method = baseline | (rng.random(n) < gain)
+    return method.astype(np.int8), baseline.astype(np.int8)
+
+
+def test_the_paired_interval_covers_a_known_difference_and_excludes_zero():
+    rng = np.random.default_rng(7)
+    covered = 0
+    for _ in range(20):
+        interval = stats.paired_bootstrap([synthetic_pair(rng, 400, 0.2) for _ in range(3)], resamples=1000)
+        assert interval.test == "paired bootstrap" and interval.excludes_zero and interval.verdict == "win"
+        covered += interval.low <= 0.1 <= interval.high
+    assert covered >= 16  # a 95% interval: about 19 of 20; 16 or fewer has probability < 2%
+
+
+def test_without_a_difference_the_interval_rarely_excludes_zero():
+    rng = np.random.default_rng(11)
+    excluded = 0
+    draws = 200
+    for _ in range(draws):
+        pairs = []
+        for _ in range(3):  # two methods with the same accuracy, correlated through the questions
+            easy = rng.random(200) < 0.4
+            pairs.append(
+                (
+                    (easy | (rng.random(200) < 0.2)).astype(np.int8),
+                    (easy | (rng.random(200) < 0.2)).astype(np.int8),
+                )
+            )
+        excluded += stats.paired_bootstrap(
+            pairs, resamples=500, seed=int(rng.integers(1 << 30))
+        ).excludes_zero
+    # expected about 5% of 200 = 10 (a little more: percentile intervals run slightly narrow);
+    # more than 25 has probability below 1e-4 under a true 5% rate
+    assert excluded <= 25
+
+
+def test_the_paired_interval_is_a_function_of_its_inputs_and_seed():
+    rng = np.random.default_rng(3)
+    pairs = [synthetic_pair(rng, 100, 0.1) for _ in range(2)]
+    assert stats.paired_bootstrap(pairs) == stats.paired_bootstrap(pairs)
+    estimate = np.mean([np.mean(a - b) for a, b in pairs])
+    assert stats.paired_bootstrap(pairs).estimate == pytest.approx(estimate)
+
+
+def test_unpaired_normal_and_standard_errors_by_hand():
+    interval = stats.unpaired_normal([(0.6, 100, 0.5, 100), (0.55, 200, 0.5, 200)])
+    se = math.sqrt(0.24 / 100 + 0.25 / 100 + 0.2475 / 200 + 0.25 / 200) / 2
+    assert interval.estimate == pytest.approx(0.075)
+    assert interval.low == pytest.approx(0.075 - 1.959963984540054 * se)
+    assert interval.high == pytest.approx(0.075 + 1.959963984540054 * se)
+    assert stats.accuracy_se(0.5, 100) == pytest.approx(0.05)
+    assert stats.mean_se([0.5, 0.5], [100, 100]) == pytest.approx(0.05 / math.sqrt(2))
+
+
+def write_predicted_run(path: Path, method: str, seed: int, correct: list[bool]) -> None:
+    """A finished run whose best and final predictions get ``correct`` right (4 choices, label 0)."""
+    n = len(correct)
+    accuracy = sum(correct) / n
+    summary = {
+        "initial_eval_accuracy": 0.25,
+        "initial_eval_loss": 1.4,
+        "best_eval_accuracy": accuracy,
+        "final_eval_accuracy": accuracy,
+        "final_eval_loss": 1.2,
+        "eval_examples": n,
+    }
+    write_run(path, method, seed, [metric_row(1, accuracy), metric_row(2, accuracy)], summary=summary)
+    scores = torch.tensor([[1.0, 0.0, 0.0, 0.0] if right else [0.0, 1.0, 0.0, 0.0] for right in correct])
+    result = result_from_scores(scores, torch.zeros(n, dtype=torch.long))
+    for name in ("initial", "best", "final"):
+        write_predictions(path, name, 2, result)
+
+
+def test_the_report_pairs_runs_with_predictions_and_falls_back_without(tmp_path: Path, capsys):
+    rng = np.random.default_rng(5)
+    for seed in (1, 2):
+        method, baseline = synthetic_pair(rng, 300, 0.4)
+        write_predicted_run(tmp_path / "toy" / "fedavg" / f"seed{seed}", "fedavg", seed, list(baseline == 1))
+        write_predicted_run(tmp_path / "toy" / "svd" / f"seed{seed}", "svd", seed, list(method == 1))
+    # an older run without predictions: unpaired
+    write_run(
+        tmp_path / "toy" / "ffa" / "seed1",
+        "ffa",
+        1,
+        [metric_row(1, 0.5)],
+        summary={
+            "initial_eval_accuracy": 0.25,
+            "initial_eval_loss": 1.4,
+            "best_eval_accuracy": 0.5,
+            "final_eval_accuracy": 0.5,
+            "final_eval_loss": 1.2,
+            "eval_examples": 300,
+        },
+    )
+    computed = stats.all_statistics(collect(tmp_path), "fedavg")
+    (toy,) = computed
+    by_label = {d.label: d for d in toy.differences}
+    assert by_label["svd"].final is not None and by_label["svd"].final.test == "paired bootstrap"
+    assert by_label["svd"].final.excludes_zero and by_label["svd"].final.estimate > 0.1
+    assert by_label["ffa"].final is not None and by_label["ffa"].final.test == "unpaired normal"
+    assert toy.verdicts["svd"]["fedavg"] == "win" and toy.verdicts["fedavg"]["svd"] == "loss"
+    assert toy.protocol == "drawn per seed (eval_seed null)"
+
+    assert main(["report", str(tmp_path), "--baseline", "svd"]) == 0
+    summary_md = (tmp_path / "report" / "summary.md").read_text()
+    assert "Difference to svd:" in summary_md and "paired bootstrap" in summary_md
+    assert "| fedavg | 2 | " in summary_md and " *" in summary_md
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "Win / tie / loss" in html
+    csv_text = (tmp_path / "report" / "comparisons.csv").read_text().splitlines()
+    assert csv_text[0] == "config,method,shared_seeds,kind,estimate,low,high,test"
+    assert any(line.startswith("toy,fedavg,2,final,-") for line in csv_text)
+    first = summary_md
+    assert main(["report", str(tmp_path), "--baseline", "svd"]) == 0
+    assert (tmp_path / "report" / "summary.md").read_text() == first  # byte for byte
+
+    assert main(["report", str(tmp_path), "--baseline", "fedsvd"]) == 0
+    assert "No fedsvd runs here" in (tmp_path / "report" / "summary.md").read_text()
