@@ -30,7 +30,7 @@ from fedsubspace.client import train_client
 from fedsubspace.config import ExperimentConfig
 from fedsubspace.experiment import local_schedule, method_options, prepare, sample_clients
 from fedsubspace.methods import get_method
-from fedsubspace.results import Memories, ResumePoint, RunDirectory, claim, read_metrics
+from fedsubspace.results import Memories, ResumePoint, RunDirectory, claim
 from fedsubspace.server import ClientResults, RoundServer, client_context, evaluate_model
 from fedsubspace.state import GlobalState, MergeLedger, payload_bytes
 
@@ -98,7 +98,7 @@ def _run(
         progress=point.progress,
         log=tqdm.write if progress else None,
     )
-    rows = read_metrics(out) if (out / "metrics.jsonl").exists() else []
+    rows = run_dir.read_metrics()
     server.row = rows[-1] if rows else {}
     bar = tqdm(
         range(server.state.round + 1, config.num_rounds + 1),

@@ -44,7 +44,7 @@ from fedsubspace.flower.payload import (
 )
 from fedsubspace.flower.settings import FlowerSettings, config_digest
 from fedsubspace.methods import ClientContext, Method, get_method
-from fedsubspace.results import RunDirectory, claim
+from fedsubspace.results import FLOWER, RunDirectory, claim
 from fedsubspace.scoring import EvalResult
 from fedsubspace.server import ClientResults, RoundServer, client_context, done_line, evaluate_model, pool
 from fedsubspace.state import ClientUpdate, flatten
@@ -234,6 +234,7 @@ class SubspaceStrategy(FedAvg):
         usable = self.replies_by_client(replies, "train", server_round)
         updates: list[ClientUpdate] = []
         skipped: list[int] = []
+        withheld: list[int] = []
         bytes_up = 0
         nodes = {s.client: s.node for s in self.sent}
         for client, reply in usable.items():  # in the order of the selection, as in-process
@@ -262,8 +263,7 @@ class SubspaceStrategy(FedAvg):
                     len(updates),
                     self.settings.min_replies,
                 )
-            skipped += [u.client_id for u in updates]
-            updates = []
+            withheld, updates = [u.client_id for u in updates], []
         selected = sample_clients(
             self.config.seed, server_round, self.config.num_clients, self.config.client_fraction
         )
@@ -277,6 +277,7 @@ class SubspaceStrategy(FedAvg):
                 started=self.started,
                 trained=trained,
                 skipped=skipped,
+                withheld=withheld,
                 missing=sorted(self.missing),
             )
         )
@@ -383,7 +384,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         settings = FlowerSettings.from_run_config(context.run_config)
         with claim(settings.out):
-            serve(grid, settings, RunDirectory(settings.out, overwrite=settings.overwrite))
+            serve(grid, settings, RunDirectory(settings.out, overwrite=settings.overwrite, runner=FLOWER))
     except UserError as exc:
         log(ERROR, "fedsubspace: error: %s", exc)
         raise

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from fedsubspace import __version__
-from fedsubspace.cli import default_out
 from fedsubspace.config import FIELDS, ExperimentConfig, load_config
 from fedsubspace.errors import UserError
+from fedsubspace.results import default_out
 
 Value = bool | int | float | str  # what a Flower run config holds
 SERVERAPP = "fedsubspace.flower.server_app:app"
@@ -92,11 +92,16 @@ class FlowerSettings:
             round_timeout=float(_typed(values, "round-timeout", float)),
             node_timeout=float(_typed(values, "node-timeout", float)),
         )
-        if settings.min_replies < 1:
-            raise UserError("min-replies must be at least 1")
-        if settings.round_timeout <= 0 or settings.node_timeout < 0:
-            raise UserError("round-timeout must be positive and node-timeout not negative")
+        check_federation(settings.min_replies, settings.round_timeout, settings.node_timeout)
         return settings
+
+
+def check_federation(min_replies: int, round_timeout: float, node_timeout: float) -> None:
+    """The federation's knobs, checked before a SuperLink or SuperNode starts."""
+    if min_replies < 1:
+        raise UserError("min-replies must be at least 1")
+    if round_timeout <= 0 or node_timeout < 0:
+        raise UserError("round-timeout must be positive and node-timeout not negative")
 
 
 def config_digest(config: ExperimentConfig) -> str:
