@@ -473,7 +473,7 @@ def test_a_flower_run_in_which_no_round_trained_fails(tmp_path):
     config = tiny("svd")
 
     def drop(message: Message, reply: Message) -> Message | None:
-        return None  # no client ever answers
+        return None if message.metadata.message_type == "train" else reply  # no client ever trains
 
     with pytest.raises(UserError, match=r"no round of the run .* trained a client"):
         run_flower_in_process(config, tmp_path / "flower", intercept=drop, **{"round-timeout": 2.0})

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from fedsubspace.errors import UserError, from_os_error
+from fedsubspace.errors import UserError, as_user_error
 
 # Before torch is imported: spinning OpenMP waits starve each other whenever the cores are shared.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -300,8 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (UserError, OSError) as exc:
-        error = from_os_error(exc) if isinstance(exc, OSError) else exc
-        print(f"fedsubspace: error: {error}", file=sys.stderr)
+        print(f"fedsubspace: error: {as_user_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fedsubspace: interrupted; every finished round is already on disk", file=sys.stderr)

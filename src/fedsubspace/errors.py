@@ -42,6 +42,11 @@ def reading(path: Path, fix: str) -> Iterator[None]:
         raise UserError(f"{path} is unreadable or truncated ({detail}); {fix}") from None
 
 
+def as_user_error(exc: UserError | OSError) -> UserError:
+    """The one line a user mistake or an operating-system refusal ends in."""
+    return from_os_error(exc) if isinstance(exc, OSError) else exc
+
+
 def from_os_error(exc: OSError) -> UserError:
     """An operating-system error as one line naming the file and what to do."""
     if exc.filename is None:

@@ -239,14 +239,13 @@ def clear_error(path: Path) -> None:
 
 def _own(path: Path, name: str, runner: str | None = None) -> None:
     """List ``name`` in ``path``'s manifest before it is written (a crash in between leaves a listed file
-    missing, never an unlisted one of ours)."""
+    missing, never an unlisted one of ours). The manifest names the runner that started the run."""
     manifest = _manifest(path)
-    if name in manifest["files"] and (runner is None or manifest.get("runner") == runner):
+    started_by = manifest.get("runner") or runner
+    if name in manifest["files"] and started_by == manifest.get("runner"):
         return
     files = sorted({*manifest["files"], name})
-    _write_atomic(
-        path / MANIFEST, json.dumps({"runner": runner or manifest.get("runner"), "files": files}) + "\n"
-    )
+    _write_atomic(path / MANIFEST, json.dumps({"runner": started_by, "files": files}) + "\n")
 
 
 class RunDirectory:

@@ -22,7 +22,7 @@ from fedsubspace.diagnostics import round_diagnostics
 from fedsubspace.errors import UserError
 from fedsubspace.experiment import Experiment
 from fedsubspace.methods import ClientContext, Method
-from fedsubspace.results import Memories, RunDirectory
+from fedsubspace.results import SUMMARY, Memories, RunDirectory
 from fedsubspace.scoring import EvalResult, evaluate
 from fedsubspace.state import ClientUpdate, GlobalState
 
@@ -259,5 +259,5 @@ class RoundServer:
         }
         if self.progress["best_round"] == 0:
             self.run_dir.save_checkpoint("best", exp.initial_state)
-        self.run_dir.write_json("summary.json", summary)
+        self.run_dir.write_json(SUMMARY, summary)
         return summary

@@ -30,7 +30,7 @@ from fedsubspace.client import train_client
 from fedsubspace.config import ExperimentConfig
 from fedsubspace.experiment import local_schedule, method_options, prepare, sample_clients
 from fedsubspace.methods import get_method
-from fedsubspace.results import Memories, ResumePoint, RunDirectory, claim
+from fedsubspace.results import PARTITION_STATS, Memories, ResumePoint, RunDirectory, claim
 from fedsubspace.server import ClientResults, RoundServer, client_context, evaluate_model
 from fedsubspace.state import GlobalState, MergeLedger, payload_bytes
 
@@ -72,7 +72,7 @@ def _run(
     if run_dir.finished:
         return run_dir.read_summary()
     exp = prepare(config)
-    run_dir.write_json("partition_stats.json", exp.partition_stats)
+    run_dir.write_json(PARTITION_STATS, exp.partition_stats)
     tm, method, schedule = (
         exp.trainable,
         get_method(config.method, method_options(config)),

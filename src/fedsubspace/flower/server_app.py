@@ -32,7 +32,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from fedsubspace.errors import UserError
+from fedsubspace.errors import UserError, as_user_error
 from fedsubspace.experiment import Experiment, method_options, prepare, sample_clients
 from fedsubspace.flower.payload import (
     MergeHistory,
@@ -44,7 +44,7 @@ from fedsubspace.flower.payload import (
 )
 from fedsubspace.flower.settings import FlowerSettings, config_digest
 from fedsubspace.methods import ClientContext, Method, get_method
-from fedsubspace.results import FLOWER, RunDirectory, claim
+from fedsubspace.results import FLOWER, PARTITION_STATS, RunDirectory, claim
 from fedsubspace.scoring import EvalResult
 from fedsubspace.server import ClientResults, RoundServer, client_context, done_line, evaluate_model, pool
 from fedsubspace.state import ClientUpdate, flatten
@@ -385,8 +385,8 @@ def main(grid: Grid, context: Context) -> None:
         settings = FlowerSettings.from_run_config(context.run_config)
         with claim(settings.out):
             serve(grid, settings, RunDirectory(settings.out, overwrite=settings.overwrite, runner=FLOWER))
-    except UserError as exc:
-        log(ERROR, "fedsubspace: error: %s", exc)
+    except (UserError, OSError) as exc:
+        log(ERROR, "fedsubspace: error: %s", as_user_error(exc))
         raise
 
 
@@ -395,7 +395,7 @@ def serve(grid: Grid, settings: FlowerSettings, run_dir: RunDirectory) -> None:
     config = settings.config
     run_dir.write_config(config.to_dict())
     exp = prepare(config)
-    run_dir.write_json("partition_stats.json", exp.partition_stats)
+    run_dir.write_json(PARTITION_STATS, exp.partition_stats)
     method = get_method(config.method, method_options(config))
     strategy = SubspaceStrategy(settings, exp, method, run_dir)
     initial = flatten(exp.initial_state.factors, exp.initial_state.head, exp.initial_state.extras)

@@ -7,7 +7,8 @@ set in the run config (a string is read as YAML, exactly like ``--set``: ``clien
 results, how many replies a round needs, how long it waits. Every machine of the federation reads the
 same run config (Flower sends it along), so all build the same :class:`ExperimentConfig`; paths in it
 (the config file, a local dataset or model directory) are read on each machine, relative to the working
-directory its SuperLink or SuperNode was started in.
+directory its SuperLink or SuperNode was started in (a ``dataset:`` path inside the config file: relative
+to that file's folder).
 """
 
 from __future__ import annotations
