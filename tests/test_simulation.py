@@ -183,8 +183,8 @@ MISTAKES = [
     ({}, [*RUN, "--resume"], "x holds no run to resume; drop --resume"),
     (THREE_CHOICES, [*RUN, "--set", "dataset={tmp}/data"], "have 4 choices but evaluation ones 3"),
     # the user's own config.yaml is never taken over, even with --overwrite
-    ({"x/config.yaml": b"learning_rate: 5e-4\n"}, RUN, "x/config.yaml was not written by fedsubspace"),
-    ({"x/config.yaml": b"learning_rate: 5e-4\n"}, [*RUN, "--overwrite"], "was not written by fedsubspace"),
+    ({"x/config.yaml": b"learning_rate: 5e-4\n"}, RUN, "x/config.yaml is not one fedsubspace wrote"),
+    ({"x/config.yaml": b"learning_rate: 5e-4\n"}, [*RUN, "--overwrite"], "is not one fedsubspace wrote"),
     # OS and parse errors: one line naming the file
     ({"latin1.yaml": "num_rounds: 1 # \u00e9\n".encode("latin-1")}, [*RUN, "--config", "{tmp}/latin1.yaml"],
      "latin1.yaml is not UTF-8 text"),

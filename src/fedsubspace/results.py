@@ -67,8 +67,8 @@ def default_out(model: str, method: str, seed: int) -> Path:
 class Status(Enum):
     FINISHED = "finished"
     FAILED = "failed"  # the last attempt raised (its error.txt says why)
-    INCOMPLETE = "incomplete"  # interrupted, or running now
-    EMPTY = "empty"  # no round committed: nothing to resume or protect
+    INCOMPLETE = "incomplete"  # interrupted, or running now (perhaps not past its config yet)
+    EMPTY = "empty"  # no run at all
 
 
 def holds_run(path: Path) -> bool:
@@ -81,7 +81,7 @@ def status(path: Path) -> Status:
         return Status.FINISHED
     if (path / ERROR).exists():
         return Status.FAILED
-    return Status.INCOMPLETE if holds_run(path) else Status.EMPTY
+    return Status.INCOMPLETE if holds_run(path) or (path / CONFIG).exists() else Status.EMPTY
 
 
 def require_run(path: Path) -> None:
@@ -263,8 +263,8 @@ class RunDirectory:
         owned = _manifest(path)["files"]
         if (path / CONFIG).exists() and CONFIG not in owned:
             raise UserError(
-                f"{path / CONFIG} was not written by fedsubspace; choose another output directory "
-                "or move the file away"
+                f"{path / CONFIG} is not one fedsubspace wrote ({MANIFEST} does not list it); "
+                "choose another output directory or move the file away"
             )
         if not (overwrite or resume):
             if self.finished:

@@ -1,4 +1,5 @@
-"""Where a matrix keeps its runs, what state a results directory is in, and reading them back.
+"""Where a matrix keeps its runs, which runs the report compares (by their resolved configs, never by
+their paths), and reading them back (through :mod:`fedsubspace.results`).
 
 ``OUT/<setup>/<label>/seed<seed>/``: the setup is the config file's stem, the label a method name or
 ``centralized`` (the reference run of one client holding all the data). ``OUT/report/`` holds the
