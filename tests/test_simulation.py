@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import shutil
@@ -126,6 +127,22 @@ def test_overwrite_deletes_only_the_files_fedsubspace_wrote(tmp_path, capsys):
     (out / "checkpoints" / "extra.txt").write_text("written later by the user")
     assert main([*args[:-1], "--set", "num_rounds=2", "--overwrite"]) == 0
     assert (out / "checkpoints" / "extra.txt").exists() and [r["round"] for r in read_metrics(out)] == [1, 2]
+
+
+def test_a_results_directory_it_may_not_write_is_one_line(tmp_path, capsys, monkeypatch):
+    # root (who runs the tests here) may write into a read-only directory: the refusal is made as the
+    # operating system makes it
+    out, real = tmp_path / "read-only" / "x", Path.mkdir
+
+    def mkdir(self: Path, *args: object, **kwargs: object) -> None:
+        if self == out:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    assert main([arg.replace("{tmp}/x", str(out)) for arg in RUN]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: permission denied" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_config_names_its_data_relative_to_its_own_folder(tmp_path, monkeypatch):
