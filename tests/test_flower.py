@@ -21,7 +21,7 @@ import yaml
 from flwr.app import Array, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
-from test_resume import held_by_another_process
+from test_resume import crash_after_round, held_by_another_process
 from test_simulation import FIXTURE, ROOT
 
 from fedsubspace import experiment, simulation
@@ -429,6 +429,56 @@ def test_run_config_builds_the_experiment_config_like_the_yaml_and_set(tmp_path)
     ]:
         with pytest.raises(UserError, match=re.escape(message)):
             FlowerSettings.from_run_config(bad)
+
+
+@pytest.fixture
+def no_federation(monkeypatch) -> None:
+    """A mistake must be refused before any SuperLink or SuperNode starts."""
+
+    def start(self) -> None:
+        raise AssertionError("a federation was started")
+
+    monkeypatch.setattr(LocalFederation, "start", start)
+
+
+@pytest.mark.usefixtures("no_federation")
+def test_flower_local_mistakes_are_refused_before_anything_starts(tmp_path, capsys):
+    local = ["flower", "local", "--config", str(CONFIG), "--out", str(tmp_path / "x")]
+    local += [arg for setting in FAST for arg in ("--set", setting)]
+    assert main([*local, "--min-replies", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "min-replies must be at least 1" in err and len(err.strip().splitlines()) == 1
+    # an interrupted run: flower local cannot resume it, so it must not tell the user to
+    with crash_after_round(1), pytest.raises(KeyboardInterrupt):
+        simulation.run(tiny("svd"), tmp_path / "x", progress=False)
+    assert main(local) == 2
+    err = capsys.readouterr().err
+    assert "holds an unfinished run; pass --overwrite to start it over" in err and "--resume" not in err
+
+
+@pytest.mark.timeout(120)
+def test_resuming_a_flower_run_in_process_says_why_it_cannot(tmp_path, capsys):
+    config = tiny("svd")
+    run_flower_in_process(config, tmp_path / "flower")
+    (tmp_path / "flower" / "summary.json").unlink()  # as if the ServerApp had died after its last round
+    argv = ["run", "--config", str(CONFIG), "--out", str(tmp_path / "flower"), "--method", "svd", "--resume"]
+    assert main([*argv, *(arg for setting in FAST for arg in ("--set", setting))]) == 2
+    err = capsys.readouterr().err
+    assert "written by a Flower run, which cannot resume" in err and "older" not in err
+    assert "--overwrite" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_flower_run_in_which_no_round_trained_fails(tmp_path):
+    config = tiny("svd")
+
+    def drop(message: Message, reply: Message) -> Message | None:
+        return None if message.metadata.message_type == "train" else reply  # no client ever trains
+
+    with pytest.raises(UserError, match=r"no round of the run .* trained a client"):
+        run_flower_in_process(config, tmp_path / "flower", intercept=drop, **{"round-timeout": 2.0})
+    assert not (tmp_path / "flower" / "summary.json").exists()
+    assert [r["train_loss"] for r in read_metrics(tmp_path / "flower")] == [None, None]
 
 
 def test_flower_local_refuses_a_node_count_that_is_not_one_per_client(tmp_path, capsys):

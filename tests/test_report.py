@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
 from pathlib import Path
@@ -40,14 +41,17 @@ def write_run(
     num_rounds: int = 2,
     summary: dict | None = None,
     error: str | None = None,
+    config: dict | None = None,
 ) -> None:
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(
-        yaml.safe_dump({"method": method, "seed": seed, "num_rounds": num_rounds})
+        yaml.safe_dump({"method": method, "seed": seed, "num_rounds": num_rounds, **(config or {})})
     )
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    if summary is not None:
-        (path / "summary.json").write_text(json.dumps(summary))
+    if summary is not None:  # a run's summary holds its last round's diagnostics
+        last = rows[-1] if rows else {}
+        final = {key: last.get(key) for key in ("basis_overlap", "update_overlap")}
+        (path / "summary.json").write_text(json.dumps({"final_diagnostics": final, **summary}))
     if error is not None:
         (path / "error.txt").write_text(error + "\nTraceback (most recent call last): ...\n")
 
@@ -104,6 +108,7 @@ def matrix_dir(tmp_path: Path) -> Path:
         1,
         [metric_row(1, 0.5), metric_row(2, 0.55)],
         summary=summary(0.25, 0.55, 0.55, 1.0),
+        config={"tags": ["centralized"], "num_clients": 1},  # as the matrix writes it
     )
     return tmp_path
 
@@ -217,3 +222,84 @@ def test_rows_over_different_seeds_are_said_to_be_so(matrix_dir, tmp_path_factor
     out = write_report(uniform)
     assert "Rows over different seeds" not in (out / "summary.md").read_text()
     assert "Rows over different seeds" not in (out / "index.html").read_text()
+
+
+def test_runs_are_grouped_by_their_config_never_by_where_they_lie(tmp_path):
+    # the README's default --out names put differently configured runs side by side under runs/
+    for model, accuracy in (("tiny-encoder", 0.2031), ("tiny-causal", 0.3281)):
+        write_run(
+            tmp_path / "runs" / f"{model}-svd-seed42",
+            "svd",
+            42,
+            [metric_row(1, 0.1), metric_row(2, accuracy)],
+            summary=summary(0.25, accuracy, accuracy, 1.0),
+            config={"model": model},
+        )
+    write_run(  # a second seed of the encoder's config: the one run it is averaged with
+        tmp_path / "runs" / "tiny-encoder-svd-seed43",
+        "svd",
+        43,
+        [metric_row(1, 0.1), metric_row(2, 0.3)],
+        summary=summary(0.25, 0.3, 0.3, 1.0),
+        config={"model": "tiny-encoder"},
+    )
+    table = (write_report(tmp_path) / "summary.md").read_text()
+    assert "| runs (model=tiny-causal) | svd | 1 | 0.3281 |" in table
+    assert "| runs (model=tiny-encoder) | svd | 2 | 0.2515 ± 0.0685 |" in table
+    assert "| runs | svd |" not in table
+
+
+def test_matrix_runs_of_another_config_under_one_setup_are_not_averaged(matrix_dir):
+    write_run(
+        matrix_dir / "toy" / "fedavg" / "seed3",
+        "fedavg",
+        3,
+        [metric_row(1, 0.1), metric_row(2, 0.2)],
+        summary=summary(0.25, 0.2, 0.2, 1.0),
+        config={"learning_rate": 0.5},
+    )
+    rows = read_csv(write_report(matrix_dir) / "summary.csv")
+    assert rows["fedavg"]["seeds"] == "1" and close(rows["fedavg"]["best_accuracy_mean"], 0.2)
+    with (matrix_dir / "report" / "summary.csv").open() as f:
+        setups = {(row["config"], row["method"], row["seeds"]) for row in csv.DictReader(f)}
+    assert ("toy (learning_rate=0.0001)", "fedavg", "2") in setups
+    assert ("toy (learning_rate=0.5)", "fedavg", "1") in setups
+
+
+def test_a_finished_runs_final_numbers_come_from_its_summary_even_after_a_torn_line(tmp_path):
+    run = tmp_path / "toy" / "fedavg" / "seed1"
+    rows = [metric_row(1, 0.4, basis_overlap=0.9834), metric_row(2, 0.5, basis_overlap=0.9894)]
+    write_run(run, "fedavg", 1, rows, summary=summary(0.25, 0.5, 0.5, 1.0))
+    text = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(text[: len(text) - 40])  # the last line torn by a crash
+    fedavg = read_csv(write_report(tmp_path) / "summary.csv")["fedavg"]
+    assert close(fedavg["final_basis_overlap_mean"], 0.9894)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda run: (run / "config.yaml").write_text("- a\n- b\n"), "config.yaml holds no mapping"),
+        (lambda run: (run / "config.yaml").write_bytes(b"seed: \xff\n"), "config.yaml is not UTF-8"),
+        (lambda run: (run / "summary.json").write_text('{"best_eval_'), "summary.json is unreadable"),
+        (lambda run: (run.parents[2] / "report").write_text("a file"), "report is a file where"),
+    ],
+)
+def test_report_on_damaged_results_is_one_line_naming_the_file(matrix_dir, capsys, damage, message):
+    damage(matrix_dir / "toy" / "fedavg" / "seed1")
+    assert main(["report", str(matrix_dir)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(matrix_dir) in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_report_into_a_directory_it_may_not_write_is_one_line(matrix_dir, capsys, monkeypatch):
+    # (a read-only directory cannot be made for root, who runs the tests here: the write is refused as
+    # the operating system refuses it)
+    def refused(path: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "write_text", refused)
+    assert main(["report", str(matrix_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "summary.md: permission denied" in err and len(err.strip().splitlines()) == 1

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_simulation import FIXTURE, ROOT
 
 from fedsubspace import simulation
@@ -188,7 +188,7 @@ def test_resume_refuses_another_config_and_run_points_to_resume(tmp_path, capsys
 
 
 def test_a_run_another_process_holds_is_refused_until_that_process_ends(tmp_path, capsys):
-    argv = ["run", "--config", str(CONFIG), "--out", str(tmp_path), "--quiet", "--resume"]
+    argv = ["run", "--config", str(CONFIG), "--out", str(tmp_path), "--quiet"]
     argv += [arg for setting in FAST for arg in ("--set", setting)]
     with held_by_another_process(tmp_path):
         assert main(argv) == 2
@@ -215,3 +215,62 @@ def test_demo_resumes_its_unfinished_run_and_restarts_one_of_another_config(tmp_
     run_demo(load_config(CONFIG, [*FAST, "num_rounds=2"]), ["fedavg"], tmp_path)
     assert "running into" in capsys.readouterr().out
     assert [r["round"] for r in read_metrics(tmp_path / "fedavg")] == [1, 2]
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def make_infinite(path: Path) -> None:
+    """One value of the global adapter patched to +inf, the file otherwise as the run wrote it."""
+    tensors, meta = load_file(str(path)), metadata(path)
+    key = next(k for k in tensors if k.startswith("lora_B/"))
+    tensors[key][0, 0] = float("inf")
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [(truncate, "is unreadable or truncated"), (make_infinite, "holds NaN or Inf in its global state")],
+)
+def test_a_damaged_resume_point_is_refused_in_one_line(tmp_path, capsys, damage, message):
+    argv = ["run", "--config", str(CONFIG), "--out", str(tmp_path), "--quiet", "--resume"]
+    argv += [arg for setting in FAST for arg in ("--set", setting)]
+    with crash_after_round(1), pytest.raises(KeyboardInterrupt):
+        simulation.run(load_config(CONFIG, FAST), tmp_path, progress=False)
+    damage(tmp_path / "checkpoints" / "last.safetensors")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "last.safetensors" in err and message in err and "--overwrite" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert [r["round"] for r in read_metrics(tmp_path)] == [1]  # nothing of the run is lost
+
+
+def test_a_round_whose_every_client_was_refused_stops_the_run(tmp_path, capsys, monkeypatch):
+    real = simulation.train_client
+
+    def diverged(*args, **kwargs):
+        update = real(*args, **kwargs)
+        if kwargs["round_index"] == 2:
+            B, _ = next(iter(update.factors.values()))
+            B[0, 0] = float("nan")
+        return update
+
+    monkeypatch.setattr(simulation, "train_client", diverged)
+    argv = ["run", "--config", str(CONFIG), "--out", str(tmp_path), "--quiet"]
+    argv += [arg for setting in FAST for arg in ("--set", setting)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "round 2: every client's update was refused" in err and "learning_rate" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    # round 1 is kept, round 2 never written, and the run is not "done"
+    assert [r["round"] for r in read_metrics(tmp_path)] == [1] and checkpoint_round(tmp_path) == 1
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_metrics_lines_torn_or_foreign_are_no_rounds(tmp_path):
+    rows = [{"round": 1, "eval_accuracy": 0.5}, {"round": 2, "eval_accuracy": 0.6}]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "metrics.jsonl").write_text(text + '[1, 2]\n"text"\n{"no round": 1}\n' + text[:15])
+    assert read_metrics(tmp_path) == rows

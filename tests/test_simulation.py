@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -110,26 +112,116 @@ def test_cli_run_refuses_to_overwrite_a_finished_run(tmp_path, capsys):
     assert main([*args, "--overwrite"]) == 0
 
 
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--method", "nope"], "unknown method 'nope'"),
-        (["--set", "num_round=3"], "unknown config key 'num_round' (did you mean 'num_rounds'?)"),
-        (["--set", "client_fraction=1.5"], "client_fraction must be in (0, 1]"),
-        (["--set", "learning_rate=fast"], "config key 'learning_rate' must be float"),
-        (["--set", "model=no-such-preset"], "unknown model 'no-such-preset'"),
-        (["--set", "load_in_4bit=true", "--set", "device=cpu"], "load_in_4bit"),
-        (["--set", "dataset=/nonexistent/data"], "/nonexistent/data"),
-        (["--set", "num_clients=200", "--set", "partition=iid"], "client"),
-    ],
-)
-def test_user_mistakes_get_one_line_and_exit_2(tmp_path, capsys, argv, message):
-    code = main(["run", "--config", str(ROOT / "configs/tiny-encoder.yaml"), "--out", str(tmp_path / "x"),
-                 "--set", f"dataset={FIXTURE}", "--quiet", *argv])  # fmt: skip
+def test_overwrite_deletes_only_the_files_fedsubspace_wrote(tmp_path, capsys):
+    out = tmp_path / "r"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "mine.pt").write_text("the user's own")
+    (out / "notes.txt").write_text("the user's own")
+    args = ["run", "--config", str(ROOT / "configs/tiny-encoder.yaml"), "--out", str(out), "--quiet",
+            "--set", f"dataset={FIXTURE}", "--set", "num_rounds=1", "--overwrite"]  # fmt: skip
+    for _ in range(2):  # into a directory without a run, then over the run the first one wrote
+        assert main(args) == 0
+        assert (out / "checkpoints" / "mine.pt").read_text() == (out / "notes.txt").read_text()
+        assert (out / "summary.json").exists() and (out / "checkpoints" / "last.safetensors").exists()
+    (out / "checkpoints" / "mine.pt").unlink()
+    (out / "checkpoints" / "extra.txt").write_text("written later by the user")
+    assert main([*args[:-1], "--set", "num_rounds=2", "--overwrite"]) == 0
+    assert (out / "checkpoints" / "extra.txt").exists() and [r["round"] for r in read_metrics(out)] == [1, 2]
+
+
+def test_a_results_directory_it_may_not_write_is_one_line(tmp_path, capsys, monkeypatch):
+    # root (who runs the tests here) may write into a read-only directory: the refusal is made as the
+    # operating system makes it
+    out, real = tmp_path / "read-only" / "x", Path.mkdir
+
+    def mkdir(self: Path, *args: object, **kwargs: object) -> None:
+        if self == out:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    assert main([arg.replace("{tmp}/x", str(out)) for arg in RUN]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: permission denied" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_config_names_its_data_relative_to_its_own_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "experiment"
+    folder.mkdir()
+    shutil.copytree(FIXTURE, folder / "data")
+    text = (ROOT / "configs" / "tiny-encoder.yaml").read_text().replace("../tests/fixtures/hellaswag", "data")
+    (folder / "config.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)  # anywhere but the config's folder
+    assert load_config(Path("experiment/config.yaml")).dataset == "experiment/data"
+    assert load_config(folder / "config.yaml").dataset == str(folder / "data")
+    # the repository's configs, from its root, resolve to what runs wrote before (so --resume compares equal)
+    monkeypatch.chdir(ROOT)
+    assert load_config(Path("configs/tiny-encoder.yaml")).dataset == "tests/fixtures/hellaswag"
+    assert load_config(Path("configs/demo.yaml")).dataset == "hellaswag"  # a registered name stays one
+    simulation.run(load_config(folder / "config.yaml", ["num_rounds=1"]), tmp_path / "run", progress=False)
+    assert [r["round"] for r in read_metrics(tmp_path / "run")] == [1]
+
+
+CONFIG = ROOT / "configs" / "tiny-encoder.yaml"
+RUN = ["run", "--config", str(CONFIG), "--out", "{tmp}/x", "--set", f"dataset={FIXTURE}", "--quiet"]
+
+
+def _choices(text: str, keep: int) -> bytes:
+    """The fixture's questions with ``keep`` endings each (the correct one kept first)."""
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    cut = [{**r, "endings": [r["endings"][r["label"]], *r["endings"]][:keep], "label": 0} for r in rows]
+    return "".join(json.dumps(r) + "\n" for r in cut).encode()
+
+
+THREE_CHOICES = {
+    "data/train.jsonl": (FIXTURE / "train.jsonl").read_bytes(),
+    "data/validation.jsonl": _choices((FIXTURE / "validation.jsonl").read_text(), 3),
+}
+# (files written under the test's directory first, the command line with {tmp} for that directory, what the
+# one line says). The files are left as they were: a mistake never costs the user a file.
+MISTAKES = [
+    ({}, [*RUN, "--method", "nope"], "unknown method 'nope'"),
+    ({}, [*RUN, "--set", "num_round=3"], "unknown config key 'num_round' (did you mean 'num_rounds'?)"),
+    ({}, [*RUN, "--set", "client_fraction=1.5"], "client_fraction must be in (0, 1]"),
+    ({}, [*RUN, "--set", "learning_rate=fast"], "config key 'learning_rate' must be float"),
+    ({}, [*RUN, "--set", "model=no-such-preset"], "unknown model 'no-such-preset'"),
+    ({}, [*RUN, "--set", "load_in_4bit=true", "--set", "device=cpu"], "load_in_4bit"),
+    ({}, [*RUN, "--set", "dataset=/nonexistent/data"], "/nonexistent/data"),
+    ({}, [*RUN, "--set", "num_clients=200", "--set", "partition=iid"], "client"),
+    # a run that cannot train is refused before it starts
+    ({}, [*RUN, "--set", "learning_rate=.inf"], "config key 'learning_rate' must be a finite number"),
+    ({}, [*RUN, "--set", "dtype=float16", "--set", "device=cpu"], "dtype float16 trains on a GPU only"),
+    # no config, an empty one: never the 20-round default experiment
+    ({}, ["run", "--out", "{tmp}/x", "--set", f"dataset={FIXTURE}", "--set", "num_rounds=1"],
+     "--config FILE is required"),
+    ({"empty.yaml": b"# nothing set\n"}, [*RUN, "--config", "{tmp}/empty.yaml"], "empty.yaml is empty"),
+    ({"twice.yaml": b"num_rounds: 1\nnum_rounds: 2\n"}, [*RUN, "--config", "{tmp}/twice.yaml"],
+     "line 2: key 'num_rounds' is given twice"),
+    ({}, [*RUN, "--resume"], "x holds no run to resume; drop --resume"),
+    (THREE_CHOICES, [*RUN, "--set", "dataset={tmp}/data"], "have 4 choices but evaluation ones 3"),
+    # the user's own config.yaml is never taken over, even with --overwrite
+    ({"x/config.yaml": b"learning_rate: 5e-4\n"}, RUN, "x/config.yaml is not one fedsubspace wrote"),
+    ({"x/config.yaml": b"learning_rate: 5e-4\n"}, [*RUN, "--overwrite"], "is not one fedsubspace wrote"),
+    # OS and parse errors: one line naming the file
+    ({"latin1.yaml": "num_rounds: 1 # \u00e9\n".encode("latin-1")}, [*RUN, "--config", "{tmp}/latin1.yaml"],
+     "latin1.yaml is not UTF-8 text"),
+    ({}, [*RUN, "--config", "{tmp}"], "is a directory; --config takes a YAML config file"),
+    ({"file": b"mine\n"}, [*RUN, "--out", "{tmp}/file"], "file is a file where a directory is needed"),
+    ({}, [*RUN, "--out", "{tmp}/" + "a" * 300], "a path component is over 255 characters"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("files", "argv", "message"), MISTAKES)
+def test_user_mistakes_get_one_line_and_exit_2(tmp_path, capsys, files, argv, message):
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    code = main([arg.replace("{tmp}", str(tmp_path)) for arg in argv])
     err = capsys.readouterr().err
     assert code == 2
     assert message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert {name: (tmp_path / name).read_bytes() for name in files} == files
 
 
 @pytest.mark.parametrize(

@@ -8,23 +8,29 @@ import os
 import sys
 from pathlib import Path
 
-from fedsubspace.errors import UserError
+from fedsubspace.errors import UserError, as_user_error
 
 # Before torch is imported: spinning OpenMP waits starve each other whenever the cores are shared.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def default_out(model: str, method: str, seed: int) -> Path:
-    return Path("runs") / f"{Path(model).name}-{method}-seed{seed}"
+def _config_file(args: argparse.Namespace) -> Path:
+    """A run needs a config file: the defaults alone are a 20-round experiment nobody asked for."""
+    if args.config is None:
+        raise UserError("--config FILE is required (configs/tiny-encoder.yaml runs in seconds)")
+    return args.config
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedsubspace.config import load_config
+    from fedsubspace.results import default_out, require_run
     from fedsubspace.server import done_line
     from fedsubspace.simulation import run
 
-    config = load_config(args.config, args.set, method=args.method, seed=args.seed)
+    config = load_config(_config_file(args), args.set, method=args.method, seed=args.seed)
     out = args.out or default_out(config.model, config.method, config.seed)
+    if args.resume:
+        require_run(out)
     summary = run(config, out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
     print(done_line(summary, out))
     return 0
@@ -169,9 +175,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_flower_local(args: argparse.Namespace) -> int:
     from fedsubspace.config import load_config
     from fedsubspace.flower.local import FlowerRunError, run_local
+    from fedsubspace.results import default_out
     from fedsubspace.server import done_line
 
-    config = load_config(args.config, args.set, method=args.method, seed=args.seed)
+    config = load_config(_config_file(args), args.set, method=args.method, seed=args.seed)
     out = args.out or default_out(config.model, config.method, config.seed)
     try:
         summary = run_local(
@@ -196,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run one federated experiment in-process")
-    run.add_argument("--config", type=Path, help="YAML config (defaults apply to keys it omits)")
+    run.add_argument("--config", type=Path, help="YAML config, required (defaults apply to keys it omits)")
     run.add_argument("--method", help="aggregation method (overrides the config)")
     run.add_argument("--seed", type=int, help="run seed (overrides the config)")
     run.add_argument("--out", type=Path, help="results directory (default runs/MODEL-METHOD-seedN)")
@@ -326,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         "local", help="start a SuperLink and one SuperNode per client on 127.0.0.1 and run there"
     )
     local.add_argument("--nodes", type=int, help="SuperNodes, one per client (default: num_clients)")
-    local.add_argument("--config", type=Path, help="YAML config (defaults apply to keys it omits)")
+    local.add_argument("--config", type=Path, help="YAML config, required (defaults apply to keys it omits)")
     local.add_argument("--method", help="aggregation method (overrides the config)")
     local.add_argument("--seed", type=int, help="run seed (overrides the config)")
     local.add_argument("--out", type=Path, help="results directory (default runs/MODEL-METHOD-seedN)")
@@ -351,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except UserError as exc:
-        print(f"fedsubspace: error: {exc}", file=sys.stderr)
+    except (UserError, OSError) as exc:
+        print(f"fedsubspace: error: {as_user_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fedsubspace: interrupted; every finished round is already on disk", file=sys.stderr)

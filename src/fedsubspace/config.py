@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
+import os
 import re
 import types
 import typing
@@ -20,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from fedsubspace.errors import UserError
+from fedsubspace.errors import UserError, reading
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,8 @@ def _coerce(key: str, value: Any) -> Any:
     for kind in allowed:
         origin = typing.get_origin(kind) or kind
         if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise UserError(f"config key {key!r} must be a finite number, got {value!r}")
             return float(value)
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -158,19 +162,54 @@ def build_config(values: dict[str, Any]) -> ExperimentConfig:
     return config
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML whose mappings refuse a key given twice (PyYAML silently keeps the last value)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The keys a config file sets, its ``dataset`` path (if relative) resolved against its folder."""
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; --config takes a YAML config file")
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    with reading(path, "a config is a UTF-8 YAML mapping of config keys"):
+        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
+    if loaded is None:
+        raise UserError(f"{path} is empty; a config sets at least one key (see configs/tiny-encoder.yaml)")
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path} must hold a mapping of config keys")
+    if isinstance(loaded.get("dataset"), str):
+        loaded["dataset"] = _beside(path, loaded["dataset"])
+    return loaded
+
+
+def _beside(config_file: Path, dataset: str) -> str:
+    """A relative data path in a config file names a file beside it, wherever the command runs (a bare
+    name that is no file there is a registered dataset, ``hf:...`` a hub one)."""
+    if dataset.startswith("hf:") or Path(dataset).expanduser().is_absolute():
+        return dataset
+    beside = config_file.parent / dataset
+    if "/" not in dataset and not beside.exists():
+        return dataset
+    return os.path.normpath(beside)
+
+
 def load_config(path: Path | None, overrides: list[str] | None = None, **explicit: Any) -> ExperimentConfig:
     """The config in ``path`` (or the defaults), then ``--set`` overrides, then explicit CLI flags."""
     values: dict[str, Any] = {}
     if path is not None:
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise UserError(f"{path} must hold a mapping of config keys")
-        values.update(loaded or {})
+        values.update(read_config_file(path))
     values.update(parse_override(o) for o in overrides or [])
     values.update({k: v for k, v in explicit.items() if v is not None})
     return build_config(values)
@@ -211,7 +250,7 @@ def _require(condition: bool, message: str) -> None:
 def validate(c: ExperimentConfig) -> None:
     """Every check that can fail before any work starts."""
     from fedsubspace.methods import METHODS, heterogeneous_methods
-    from fedsubspace.models import PRESETS, validate_quantization
+    from fedsubspace.models import PRESETS, validate_dtype, validate_quantization
     from fedsubspace.tracking import TRACKERS
 
     _require(c.method in METHODS, f"unknown method {c.method!r}; choose one of: {', '.join(sorted(METHODS))}")
@@ -248,6 +287,7 @@ def validate(c: ExperimentConfig) -> None:
         "device must be auto, cpu or cuda[:N]",
     )
     validate_quantization(c.load_in_4bit, c.device)
+    validate_dtype(c.dtype, c.device)
     _require(c.partition in ("iid", "dirichlet"), "partition must be iid or dirichlet")
     _require(0.0 < c.client_fraction <= 1.0, "client_fraction must be in (0, 1]")
     for key in ("lora_rank", "max_length", "num_clients", "num_rounds", "max_local_steps", "batch_size"):

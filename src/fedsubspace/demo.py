@@ -7,11 +7,10 @@ started over.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from fedsubspace.config import ExperimentConfig, build_config
-from fedsubspace.results import read_metrics, written_config_difference
+from fedsubspace.results import CONFIG, Status, read_metrics, read_summary, status, written_config_difference
 from fedsubspace.simulation import run
 
 COLUMNS = (
@@ -28,7 +27,7 @@ def _cell(value: float | None) -> str:
 def side_by_side(run_dirs: dict[str, Path]) -> str:
     """One row per round (round 0 = before training), each metric once per method."""
     metrics = {method: read_metrics(path) for method, path in run_dirs.items()}
-    summaries = {method: json.loads((path / "summary.json").read_text()) for method, path in run_dirs.items()}
+    summaries = {method: read_summary(path) for method, path in run_dirs.items()}
     methods = list(run_dirs)
     header = ["round"] + [f"{label} ({m})" for _, label in COLUMNS for m in methods]
     widths = [len(h) for h in header]
@@ -53,10 +52,10 @@ def run_demo(config: ExperimentConfig, methods: list[str], out: Path) -> str:
         method_config = build_config({**config.to_dict(), "method": method})
         run_dir = out / method
         run_dirs[method] = run_dir
-        same = (run_dir / "config.yaml").exists() and (
+        same = (run_dir / CONFIG).exists() and (
             written_config_difference(run_dir, method_config.to_dict()) is None
         )
-        if same and (run_dir / "summary.json").exists():
+        if same and status(run_dir) is Status.FINISHED:
             print(f"{method}: reusing the finished run in {run_dir}")
         elif same:
             print(f"{method}: resuming the unfinished run in {run_dir}")

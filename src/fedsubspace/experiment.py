@@ -19,7 +19,13 @@ from peft import LoraConfig, PeftModel
 
 from fedsubspace.client import Adapter, TrainableModel
 from fedsubspace.config import ExperimentConfig, client_ranks
-from fedsubspace.data import FieldMap, load_multiple_choice, partition_indices, partition_stats
+from fedsubspace.data import (
+    FieldMap,
+    check_same_choices,
+    load_multiple_choice,
+    partition_indices,
+    partition_stats,
+)
 from fedsubspace.errors import UserError
 from fedsubspace.methods import METHODS, LocalSchedule, MethodOptions
 from fedsubspace.models import (
@@ -185,6 +191,7 @@ def prepare(config: ExperimentConfig) -> Experiment:
         config.dataset, config.train_split, fields, limit=config.max_train_samples, seed=config.seed
     )
     evaluation = load_eval_split(config)
+    check_same_choices(train, evaluation, config.dataset)
     partitions = partition_indices(
         train,
         config.num_clients,

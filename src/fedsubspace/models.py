@@ -167,6 +167,12 @@ def resolve_dtype(dtype: str) -> torch.dtype:
         raise UserError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPES)})") from None
 
 
+def validate_dtype(dtype: str, device: str) -> None:
+    """float16 trains on a GPU only: on the CPU every client's update comes out NaN or Inf."""
+    if dtype == "float16" and resolve_device(device).type == "cpu":
+        raise UserError("dtype float16 trains on a GPU only (on the CPU every update is NaN); use float32")
+
+
 def validate_quantization(load_in_4bit: bool, device: str) -> None:
     """Fail early (at config validation) when 4-bit loading cannot work on this machine."""
     if not load_in_4bit:

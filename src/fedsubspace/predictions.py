@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from fedsubspace.results import own
 from fedsubspace.scoring import EvalResult, ExamplePredictions
 
 DIRECTORY = "predictions"
@@ -41,6 +42,7 @@ def write_predictions(run_path: Path, name: str, round_index: int, result: EvalR
     if examples is None:
         return
     path = predictions_path(run_path, name)
+    own(run_path, DIRECTORY)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         "example": torch.arange(len(examples), dtype=torch.int32),

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from fedsubspace.diagnostics import DELTA_KEYS, round_delta_diagnostics, round_diagnostics
+from fedsubspace.errors import UserError
 from fedsubspace.experiment import Experiment
 from fedsubspace.methods import ClientContext, Method
 from fedsubspace.predictions import copy_predictions, write_predictions
-from fedsubspace.results import Memories, RunDirectory
+from fedsubspace.results import SUMMARY, Memories, RunDirectory
 from fedsubspace.scoring import EvalResult, ExamplePredictions, evaluate
 from fedsubspace.state import ClientUpdate, Factors, GlobalState
 
@@ -129,12 +130,19 @@ def round_start(method: Method, state: GlobalState, update: ClientUpdate) -> Fac
     return method.readout(state, rank, update.scaling if update.scaling is not None else state.scaling)
 
 
+class NothingTrained(UserError):
+    """A round whose every client was refused, or a run in which no round trained: the numbers it would
+    write are the initial model's, so it stops instead of finishing "done"."""
+
+
 @dataclass
 class ClientResults:
     """The clients' side of one round, as a runner collected it.
 
-    ``skipped``: clients whose update the server refused (NaN or Inf, wrong shapes); ``missing``: clients
-    that were selected but sent nothing (Flower: no node holds them, the node died or timed out).
+    ``skipped``: clients whose update the server refused (NaN or Inf, wrong shapes); ``withheld``: clients
+    whose usable update was left out (Flower: fewer than min-replies), recorded as skipped after them;
+    ``missing``: clients that were selected but sent nothing (Flower: no node holds them, the node died
+    or timed out).
     ``started`` and ``trained`` are ``time.perf_counter()`` stamps: the round's start, the last update.
     """
 
@@ -146,6 +154,7 @@ class ClientResults:
     started: float
     trained: float
     skipped: list[int] = field(default_factory=list)
+    withheld: list[int] = field(default_factory=list)
     missing: list[int] = field(default_factory=list)
 
 
@@ -192,6 +201,11 @@ class RoundServer:
     def aggregate(self, clients: ClientResults) -> GlobalState:
         """The next global state from the round's usable updates, weighted by their example counts."""
         updates = clients.updates
+        if clients.selected and len(clients.skipped) == len(clients.selected):
+            raise NothingTrained(
+                f"round {clients.round_index}: every client's update was refused (clients {clients.skipped}; "
+                "NaN or Inf means training diverged): lower learning_rate or use dtype float32"
+            )
         diagnostics: dict[str, float] = {}
         if updates:
             total = sum(u.num_examples for u in updates)
@@ -221,7 +235,7 @@ class RoundServer:
         self.row = {
             "round": clients.round_index,
             "selected_clients": clients.selected,
-            "skipped_clients": clients.skipped,
+            "skipped_clients": clients.skipped + clients.withheld,
             "missing_clients": clients.missing,
             "train_loss": (sum(u.train_loss * u.num_examples for u in updates) / total) if updates else None,
             "eval_loss": result.loss,
@@ -245,8 +259,14 @@ class RoundServer:
         return self.row
 
     def finish(self, exp: Experiment) -> dict[str, Any]:
-        """Write summary.json (and the initial model as the best one if no round beat it)."""
+        """Write summary.json (and the initial model as the best one if no round beat it); a run in
+        which no round trained a client is refused (:class:`NothingTrained`)."""
         config, initial = exp.config, self.initial
+        if not any(row.get("train_loss") is not None for row in self.run_dir.read_metrics()):
+            raise NothingTrained(
+                f"no round of the run in {self.run_dir.path} trained a client (every round's clients were "
+                "missing or refused); its model is the initial one: see the round lines above"
+            )
         summary = {
             "method": config.method,
             "model": config.model,
@@ -266,5 +286,5 @@ class RoundServer:
         if self.progress["best_round"] == 0:
             self.run_dir.save_checkpoint("best", exp.initial_state)
             copy_predictions(self.run_dir.path, "initial", "best")
-        self.run_dir.write_json("summary.json", summary)
+        self.run_dir.write_json(SUMMARY, summary)
         return summary

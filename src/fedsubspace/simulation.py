@@ -31,7 +31,7 @@ from fedsubspace.config import ExperimentConfig
 from fedsubspace.experiment import local_schedule, method_options, prepare, sample_clients
 from fedsubspace.methods import get_method
 from fedsubspace.predictions import write_predictions
-from fedsubspace.results import Memories, ResumePoint, RunDirectory, claim, read_metrics
+from fedsubspace.results import PARTITION_STATS, Memories, ResumePoint, RunDirectory, claim
 from fedsubspace.server import ClientResults, RoundServer, client_context, evaluate_model
 from fedsubspace.state import GlobalState, MergeLedger, payload_bytes
 
@@ -73,7 +73,7 @@ def _run(
     if run_dir.finished:
         return run_dir.read_summary()
     exp = prepare(config)
-    run_dir.write_json("partition_stats.json", exp.partition_stats)
+    run_dir.write_json(PARTITION_STATS, exp.partition_stats)
     tm, method, schedule = (
         exp.trainable,
         get_method(config.method, method_options(config)),
@@ -100,7 +100,7 @@ def _run(
         progress=point.progress,
         log=tqdm.write if progress else None,
     )
-    rows = read_metrics(out) if (out / "metrics.jsonl").exists() else []
+    rows = run_dir.read_metrics()
     server.row = rows[-1] if rows else {}
     bar = tqdm(
         range(server.state.round + 1, config.num_rounds + 1),

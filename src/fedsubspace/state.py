@@ -111,6 +111,11 @@ class ClientUpdate:
         return None
 
 
+def first_non_finite(tensors: Mapping[str, Tensor]) -> str | None:
+    """Name of the first tensor holding NaN or Inf, or None when all are finite."""
+    return next((name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()), None)
+
+
 def flatten(
     factors: Factors, head: Mapping[str, Tensor], extras: Mapping[str, Tensor] | None = None
 ) -> dict[str, Tensor]:
@@ -193,6 +198,13 @@ class MergeLedger:
 SIDECAR = "sidecar/"  # checkpoint keys that are not part of the global state (a runner's resume data)
 
 
+def global_tensors(state: GlobalState) -> dict[str, Tensor]:
+    """Every tensor of ``state`` that a checkpoint holds, by its checkpoint name."""
+    flat = flatten(state.factors, state.head, state.extras)
+    flat.update({f"residual/{name}": t for name, t in state.residual.items()})
+    return flat
+
+
 def save_state(
     path: Path,
     state: GlobalState,
@@ -205,8 +217,7 @@ def save_state(
     :func:`load_sidecar` reads them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    flat = flatten(state.factors, state.head, state.extras)
-    flat.update({f"residual/{name}": t for name, t in state.residual.items()})
+    flat = global_tensors(state)
     flat.update({f"{SIDECAR}{name}": t for name, t in (sidecar or {}).items()})
     flat = {k: v.detach().contiguous().cpu() for k, v in flat.items()}
     metadata = {**(metadata or {}), "scaling": json.dumps(state.scaling), "round": json.dumps(state.round)}

@@ -21,11 +21,9 @@ from fedsubspace.client import TrainableModel
 from fedsubspace.config import ExperimentConfig, build_config
 from fedsubspace.errors import UserError
 from fedsubspace.experiment import base_weights, map_adapters, method_options
-from fedsubspace.experiments.layout import Status, status
-from fedsubspace.experiments.layout import _rows as metrics_rows  # the tolerant reader
 from fedsubspace.methods import get_method
 from fedsubspace.models import LoadedModel, add_lora, load_model
-from fedsubspace.results import ERROR
+from fedsubspace.results import CONFIG, ERROR, LAST, Status, read_metrics, status
 from fedsubspace.state import Factors, GlobalState, load_state
 
 ROUNDS = ("best", "last")
@@ -80,21 +78,21 @@ def open_run(path: Path) -> TrainedRun:
     if not path.is_dir():
         raise UserError(f"{path} is not a directory")
     missing = [
-        name for name in ("config.yaml", "checkpoints/last.safetensors") if not (path / name).is_file()
+        name for name in (CONFIG, LAST) if not (path / name).is_file()
     ]
     if missing:
         raise UserError(
             f"{path} is not a fedsubspace results directory (it has no {' or '.join(missing)}); "
             "give a directory written by fedsubspace run or matrix"
         )
-    config = read_config(path / "config.yaml")
-    rows = metrics_rows(path)
+    config = read_config(path / CONFIG)
+    rows = read_metrics(path)
     if status(path) is Status.FAILED:
         raise UserError(f"{path} holds a failed run ({_rounds_text(rows)} done); see its {ERROR}")
     if status(path) is not Status.FINISHED:
         raise UserError(
             f"{path} holds an unfinished run ({_rounds_text(rows)} of {config.num_rounds} done); "
-            f"finish it with: fedsubspace run --config {path / 'config.yaml'} --out {path} --resume"
+            f"finish it with: fedsubspace run --config {path / CONFIG} --out {path} --resume"
         )
     return TrainedRun(path=path, config=config)
 

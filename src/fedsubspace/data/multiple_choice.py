@@ -87,6 +87,17 @@ def load_multiple_choice(
     return datasets.Dataset.from_dict(columns, features=FEATURES)
 
 
+def check_same_choices(train: datasets.Dataset, evaluation: datasets.Dataset, source: str) -> None:
+    """Training and evaluation questions offer as many choices each (chance and the classifier differ
+    otherwise, and the accuracy no longer measures what training optimised)."""
+    trained, evaluated = len(train[0]["choices"]), len(evaluation[0]["choices"])
+    if trained != evaluated:
+        raise UserError(
+            f"data source {source!r}: training questions have {trained} choices but evaluation ones "
+            f"{evaluated}; use splits with the same number of choices"
+        )
+
+
 def _resolve_file(source: str, split: str) -> Path:
     if source in REGISTERED_DATASETS:
         directory = data_root() / source

@@ -38,8 +38,17 @@ from tqdm.auto import tqdm
 from fedsubspace.config import ExperimentConfig, build_config, client_ranks, load_config
 from fedsubspace.errors import UserError
 from fedsubspace.experiment import clients_per_round
-from fedsubspace.experiments.layout import CENTRALIZED, Status, run_path, status
-from fedsubspace.results import ERROR, RunBusy, check_same_config
+from fedsubspace.experiments.layout import CENTRALIZED, run_path
+from fedsubspace.results import (
+    ERROR,
+    RunBusy,
+    Status,
+    check_same_config,
+    clear_error,
+    read_metrics,
+    record_error,
+    status,
+)
 from fedsubspace.simulation import run
 
 POLL_SECONDS = 1.0  # how often the progress bar looks at the running runs' rounds
@@ -127,7 +136,7 @@ def execute(config: dict[str, Any], path: str) -> str:
         first = f"{type(exc).__name__}: {exc}".splitlines()[0]
         if not isinstance(exc, RunBusy):  # a run another process holds is that process's to record
             detail = "" if isinstance(exc, UserError) else "\n" + traceback.format_exc()
-            (out / ERROR).write_text(first + "\n" + detail)
+            record_error(out, first + "\n" + detail)
         raise RunFailed(first) from None
     return (
         f"best {summary['best_eval_accuracy']:.4f} (round {summary['best_round']}), "
@@ -160,10 +169,7 @@ def _pool(jobs: int) -> ProcessPoolExecutor:
 
 
 def _rounds_done(job: Job) -> int:
-    try:
-        return (job.path / "metrics.jsonl").read_text().count("\n")
-    except FileNotFoundError:
-        return 0
+    return len(read_metrics(job.path))
 
 
 def run_matrix(jobs: list[Job], *, workers: int = 1, progress: bool = True) -> MatrixResult:
@@ -190,7 +196,7 @@ def run_matrix(jobs: list[Job], *, workers: int = 1, progress: bool = True) -> M
             result.failed.append(job)
         except BrokenProcessPool:
             message = "its worker process died (killed, or out of memory); run the matrix again to resume it"
-            (job.path / ERROR).write_text(message + "\n")
+            record_error(job.path, message + "\n")
             line = f"{job.name}: FAILED: {message}"
             result.failed.append(job)
         bar.update(1)
@@ -200,7 +206,7 @@ def run_matrix(jobs: list[Job], *, workers: int = 1, progress: bool = True) -> M
         while todo or running:
             while todo and len(running) < workers:
                 job = todo.popleft()
-                (job.path / ERROR).unlink(missing_ok=True)  # this attempt's outcome replaces the last one's
+                clear_error(job.path)  # this attempt's outcome replaces the last one's
                 future = pool.submit(execute, job.config.to_dict(), str(job.path))
                 running[future] = job
             done, _ = wait(running, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)

@@ -24,8 +24,10 @@ from fedsubspace.experiments.plots import colour_map, plot_setup
 from fedsubspace.markdown import markdown_table
 
 
-def _last(key: str) -> Callable[[RunRecord], float | None]:
-    return lambda run: run.rows[-1].get(key) if run.rows else None
+def _final(key: str) -> Callable[[RunRecord], float | None]:
+    """A finished run's final diagnostic: its summary is the truth (a metrics line torn by a crash
+    must not make an earlier round's value the final one)."""
+    return lambda run: (run.summary or {}).get("final_diagnostics", {}).get(key)
 
 
 def _per_round(
@@ -57,8 +59,8 @@ METRICS = (
     Metric("best_accuracy", "best acc.", _summary("best_eval_accuracy"), 4),
     Metric("final_accuracy", "final acc.", _summary("final_eval_accuracy"), 4),
     Metric("final_eval_loss", "final loss", _summary("final_eval_loss"), 4),
-    Metric("final_basis_overlap", "final basis overlap", _last("basis_overlap"), 4),
-    Metric("final_update_overlap", "final update overlap", _last("update_overlap"), 4),
+    Metric("final_basis_overlap", "final basis overlap", _final("basis_overlap"), 4),
+    Metric("final_update_overlap", "final update overlap", _final("update_overlap"), 4),
     Metric("cancellation_ratio", "cancellation ratio", _per_round(lambda r: r.get("cancellation_ratio")), 4),
     Metric("aggregation_error", "aggregation error", _per_round(lambda r: r.get("aggregation_error")), 4),
     Metric("bytes_per_round", "bytes / round", _per_round(lambda r: r["bytes_up"] + r["bytes_down"]), 0),

@@ -32,9 +32,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from fedsubspace.experiments.layout import CENTRALIZED, RunRecord, Status
+from fedsubspace.experiments.layout import CENTRALIZED, RunRecord
 from fedsubspace.markdown import markdown_table
 from fedsubspace.predictions import read_predictions
+from fedsubspace.results import Status
 
 RESAMPLES = 2000
 LEVEL = 0.95

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import shutil
 import signal
@@ -32,8 +31,8 @@ import yaml
 
 from fedsubspace.config import ExperimentConfig
 from fedsubspace.errors import UserError
-from fedsubspace.flower.settings import app_definition
-from fedsubspace.results import RunDirectory, claim
+from fedsubspace.flower.settings import app_definition, check_federation
+from fedsubspace.results import FLOWER, RunDirectory, Status, claim, read_summary, status
 
 PR_SET_CHILD_SUBREAPER = 36
 STOP_GRACE = 15.0  # seconds processes get to exit after SIGTERM before SIGKILL
@@ -320,6 +319,7 @@ def run_local(
 ) -> dict[str, Any]:
     """Run ``config`` on a local federation of ``nodes`` SuperNodes (one per client) into ``out``, the
     results directory ``fedsubspace run`` writes. Returns the summary."""
+    check_federation(min_replies, round_timeout, node_timeout)
     if nodes != config.num_clients:
         raise UserError(
             f"--nodes {nodes} but num_clients is {config.num_clients}: each SuperNode holds one client; "
@@ -327,7 +327,7 @@ def run_local(
         )
     out = out.resolve()
     with claim(out):  # refuses a run that is held or already there before anything starts
-        RunDirectory(out, overwrite=overwrite)
+        RunDirectory(out, overwrite=overwrite, runner=FLOWER)
     with tempfile.TemporaryDirectory(prefix="fedsubspace-flower-") as tmp:
         home = Path(tmp)
         app_dir = home / "fedsubspace"
@@ -349,11 +349,11 @@ def run_local(
             )
         )
         with sigterm_as_exit(), LocalFederation(nodes, home) as federation:
-            status = federation.run(app_dir, run_config, output)
-            if status != 0 or not (out / "summary.json").exists():
+            exit_status = federation.run(app_dir, run_config, output)
+            if exit_status != 0 or status(out) is not Status.FINISHED:
                 tails = "\n".join(
                     f"--- {name} (last lines)\n{federation.log_tail(name)}"
                     for name in ["superlink", *(f"supernode-{n}" for n in range(nodes))]
                 )
-                raise FlowerRunError(f"the Flower run failed (flwr run exit status {status})\n{tails}")
-    return json.loads((out / "summary.json").read_text())
+                raise FlowerRunError(f"the Flower run failed (flwr run exit status {exit_status})\n{tails}")
+    return read_summary(out)

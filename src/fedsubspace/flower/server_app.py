@@ -32,7 +32,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from fedsubspace.errors import UserError
+from fedsubspace.errors import UserError, as_user_error
 from fedsubspace.experiment import Experiment, method_options, prepare, sample_clients
 from fedsubspace.flower.payload import (
     MergeHistory,
@@ -45,7 +45,7 @@ from fedsubspace.flower.payload import (
 from fedsubspace.flower.settings import FlowerSettings, config_digest
 from fedsubspace.methods import ClientContext, Method, get_method
 from fedsubspace.predictions import write_predictions
-from fedsubspace.results import RunDirectory, claim
+from fedsubspace.results import FLOWER, PARTITION_STATS, RunDirectory, claim
 from fedsubspace.scoring import EvalResult
 from fedsubspace.server import ClientResults, RoundServer, client_context, done_line, evaluate_model, pool
 from fedsubspace.state import ClientUpdate, flatten
@@ -235,6 +235,7 @@ class SubspaceStrategy(FedAvg):
         usable = self.replies_by_client(replies, "train", server_round)
         updates: list[ClientUpdate] = []
         skipped: list[int] = []
+        withheld: list[int] = []
         bytes_up = 0
         nodes = {s.client: s.node for s in self.sent}
         for client, reply in usable.items():  # in the order of the selection, as in-process
@@ -263,8 +264,7 @@ class SubspaceStrategy(FedAvg):
                     len(updates),
                     self.settings.min_replies,
                 )
-            skipped += [u.client_id for u in updates]
-            updates = []
+            withheld, updates = [u.client_id for u in updates], []
         selected = sample_clients(
             self.config.seed, server_round, self.config.num_clients, self.config.client_fraction
         )
@@ -278,6 +278,7 @@ class SubspaceStrategy(FedAvg):
                 started=self.started,
                 trained=trained,
                 skipped=skipped,
+                withheld=withheld,
                 missing=sorted(self.missing),
             )
         )
@@ -385,9 +386,9 @@ def main(grid: Grid, context: Context) -> None:
     try:
         settings = FlowerSettings.from_run_config(context.run_config)
         with claim(settings.out):
-            serve(grid, settings, RunDirectory(settings.out, overwrite=settings.overwrite))
-    except UserError as exc:
-        log(ERROR, "fedsubspace: error: %s", exc)
+            serve(grid, settings, RunDirectory(settings.out, overwrite=settings.overwrite, runner=FLOWER))
+    except (UserError, OSError) as exc:
+        log(ERROR, "fedsubspace: error: %s", as_user_error(exc))
         raise
 
 
@@ -396,7 +397,7 @@ def serve(grid: Grid, settings: FlowerSettings, run_dir: RunDirectory) -> None:
     config = settings.config
     run_dir.write_config(config.to_dict())
     exp = prepare(config)
-    run_dir.write_json("partition_stats.json", exp.partition_stats)
+    run_dir.write_json(PARTITION_STATS, exp.partition_stats)
     method = get_method(config.method, method_options(config))
     strategy = SubspaceStrategy(settings, exp, method, run_dir)
     initial = flatten(exp.initial_state.factors, exp.initial_state.head, exp.initial_state.extras)

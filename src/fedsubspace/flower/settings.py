@@ -7,7 +7,8 @@ set in the run config (a string is read as YAML, exactly like ``--set``: ``clien
 results, how many replies a round needs, how long it waits. Every machine of the federation reads the
 same run config (Flower sends it along), so all build the same :class:`ExperimentConfig`; paths in it
 (the config file, a local dataset or model directory) are read on each machine, relative to the working
-directory its SuperLink or SuperNode was started in.
+directory its SuperLink or SuperNode was started in (a ``dataset:`` path inside the config file: relative
+to that file's folder).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from fedsubspace import __version__
-from fedsubspace.cli import default_out
 from fedsubspace.config import FIELDS, ExperimentConfig, load_config
 from fedsubspace.errors import UserError
+from fedsubspace.results import default_out
 
 Value = bool | int | float | str  # what a Flower run config holds
 SERVERAPP = "fedsubspace.flower.server_app:app"
@@ -92,11 +93,16 @@ class FlowerSettings:
             round_timeout=float(_typed(values, "round-timeout", float)),
             node_timeout=float(_typed(values, "node-timeout", float)),
         )
-        if settings.min_replies < 1:
-            raise UserError("min-replies must be at least 1")
-        if settings.round_timeout <= 0 or settings.node_timeout < 0:
-            raise UserError("round-timeout must be positive and node-timeout not negative")
+        check_federation(settings.min_replies, settings.round_timeout, settings.node_timeout)
         return settings
+
+
+def check_federation(min_replies: int, round_timeout: float, node_timeout: float) -> None:
+    """The federation's knobs, checked before a SuperLink or SuperNode starts."""
+    if min_replies < 1:
+        raise UserError("min-replies must be at least 1")
+    if round_timeout <= 0 or node_timeout < 0:
+        raise UserError("round-timeout must be positive and node-timeout not negative")
 
 
 def config_digest(config: ExperimentConfig) -> str:
