@@ -106,9 +106,11 @@ def test_a_run_written_before_the_tracker_key_resumes(tmp_path):
 
 
 def test_overwrite_removes_the_old_events(tmp_path):
-    (tmp_path / TENSORBOARD_DIR).mkdir()
+    run = RunDirectory(tmp_path)
+    run.write_config(load_config(CONFIG).to_dict())
+    run.write_json("summary.json", {})
+    (tmp_path / TENSORBOARD_DIR).mkdir()  # the tracker's folder, listed in the manifest by write_config
     (tmp_path / TENSORBOARD_DIR / "events.out.tfevents.0.old").write_bytes(b"")
-    (tmp_path / "summary.json").write_text("{}")
     RunDirectory(tmp_path, overwrite=True)
     assert not (tmp_path / TENSORBOARD_DIR).exists()
 
