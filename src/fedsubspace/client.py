@@ -19,6 +19,14 @@ import torch
 from torch import nn
 
 from fedsubspace.methods import ClientContext, LiveParameters, LocalSchedule, Method
+from fedsubspace.placement import (
+    Placement,
+    state_to_client,
+    tensors_to_client,
+    tensors_to_server,
+    to_server,
+    update_to_server,
+)
 from fedsubspace.scoring import Encoded, choice_scores, collate
 from fedsubspace.seeding import DATA_ORDER, DROPOUT, stream_seed
 from fedsubspace.state import ClientUpdate, GlobalState
@@ -66,6 +74,12 @@ class TrainableModel:
         self._select = select
         self.active = global_rank
         self.pristine = {n: w.detach().clone() for n, w in self.base.items()} if keep_pristine else None
+
+    @property
+    def placement(self) -> Placement:
+        """Where client rounds compute: the device and dtype of the adapter parameters."""
+        B, _ = next(iter(self.adapters[self.global_rank].factors.values()))
+        return Placement(B.device, B.dtype)
 
     @property
     def adapter(self) -> Adapter:
@@ -125,12 +139,9 @@ class TrainableModel:
         return LiveParameters(factors=self.factors, head=self.head, base=self.base)
 
     def snapshot(self) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
-        factors = {
-            name: (B.detach().cpu().clone(), A.detach().cpu().clone())
-            for name, (B, A) in self.factors.items()
-        }
-        head = {name: p.detach().cpu().clone() for name, p in self.head.items()}
-        return factors, head
+        """The active adapter and head as the server keeps them (CPU copies)."""
+        factors = {name: (to_server(B), to_server(A)) for name, (B, A) in self.factors.items()}
+        return factors, tensors_to_server(self.head)
 
 
 def example_stream(indices: list[int], rng: np.random.Generator) -> Iterator[int]:
@@ -154,11 +165,15 @@ def train_client(
     memory: dict[str, Tensor] | None = None,
 ) -> ClientUpdate:
     """One local round. ``rank`` is the client's LoRA rank (default: the global one); ``memory`` the
-    tensors it keeps privately between its rounds (default: none kept)."""
+    tensors it keeps privately between its rounds (default: none kept), updated in place.
+
+    ``state`` and ``memory`` are the server's (CPU); the round works on copies placed on the model's
+    device and dtype, and the update and memory come back as the server keeps them
+    (:mod:`fedsubspace.placement`)."""
     adapter = tm.activate(state.rank if rank is None else rank)
-    ctx = ClientContext(
-        client_id, round_index, adapter.rank, adapter.scaling, {} if memory is None else memory
-    )
+    state = state_to_client(state, tm.placement)
+    on_client = tensors_to_client({} if memory is None else memory, tm.placement)
+    ctx = ClientContext(client_id, round_index, adapter.rank, adapter.scaling, on_client)
     start = method.client_start(state, ctx)
     tm.load_weights(start.factors, start.head, state.residual)
     tm.freeze()
@@ -170,7 +185,7 @@ def train_client(
     tm.model.train()
 
     steps, window = schedule.max_local_steps, schedule.gradient_accumulation_steps
-    losses: list[float] = []
+    losses: list[Tensor] = []  # kept on the device: reading one is a device synchronisation
     for optimizer in plan.optimizers:
         optimizer.zero_grad(set_to_none=True)
     for step in range(steps):
@@ -180,7 +195,7 @@ def train_client(
         scores = choice_scores(tm.model, batch, tm.kind)
         loss = nn.functional.cross_entropy(scores.float(), batch["labels"])
         (loss / window_size).backward()
-        losses.append(loss.item())
+        losses.append(loss.detach())
         if step + 1 == window_start + window_size:
             if plan.regularizer is not None:
                 plan.regularizer(tm.factors).backward()
@@ -191,14 +206,19 @@ def train_client(
             for optimizer in plan.optimizers:
                 optimizer.zero_grad(set_to_none=True)
 
-    factors, head = tm.snapshot()
     update = ClientUpdate(
         client_id=client_id,
         num_examples=len(indices),
-        factors=factors,
-        head=head,
-        train_loss=float(np.mean(losses)),
+        factors={name: (B.detach(), A.detach()) for name, (B, A) in tm.factors.items()},
+        head={name: p.detach() for name, p in tm.head.items()},
+        # the mean of the float32 losses in float64, as numpy takes it
+        train_loss=float(np.mean(to_server(torch.stack(losses)).double().numpy())),
         scaling=adapter.scaling,
         trained=plan.trains,
     )
-    return plan.finish(update) if plan.finish is not None else update
+    if plan.finish is not None:
+        update = plan.finish(update)
+    if memory is not None:
+        memory.clear()
+        memory.update(tensors_to_server(ctx.memory))
+    return update_to_server(update)
