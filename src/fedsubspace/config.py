@@ -34,6 +34,9 @@ class ExperimentConfig:
     dtype: str = "float32"
     device: str = "auto"
     load_in_4bit: bool = False
+    # Recompute activations in the backward pass instead of storing them (less memory, ~30% more compute);
+    # the same gradients. The paper's code enables it.
+    gradient_checkpointing: bool = False
     lora_rank: int = 8
     # Each client's own LoRA rank: a list (one per client) or "cycle(4,8,16)"; overrides lora_rank.
     # Only methods that serve mixed ranks accept different ones; the global model has the largest.

@@ -187,6 +187,7 @@ def prepare(config: ExperimentConfig) -> Experiment:
         seed=config.seed,
         load_in_4bit=config.load_in_4bit,
         target_modules=config.target_modules,
+        gradient_checkpointing=config.gradient_checkpointing,
     )
     ranks = client_ranks(config)
     targets = config.target_modules or loaded.target_modules

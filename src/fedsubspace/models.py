@@ -275,12 +275,15 @@ def load_model(
     seed: int = 0,
     load_in_4bit: bool = False,
     target_modules: list[str] | None = None,
+    gradient_checkpointing: bool = False,
 ) -> LoadedModel:
     """Load a preset, local directory or Hugging Face id as a base model plus tokenizer.
 
     ``kind`` may be None for non-presets: it is then guessed from the config. ``seed`` fixes
     every newly initialised weight (the tiny models, the multiple-choice head) without
     touching the global RNG. ``target_modules`` overrides the architecture's LoRA default.
+    ``gradient_checkpointing`` recomputes activations in training's backward pass (non-reentrant:
+    LoRA's frozen inputs need no gradient, and the dropout masks are replayed).
     """
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
@@ -305,6 +308,8 @@ def load_model(
     if not load_in_4bit:
         # dtype was applied at construction, which keeps float32 buffers (rotary inv_freq) intact.
         loaded.model.to(torch_device)
+    if gradient_checkpointing:
+        loaded.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     loaded.model.eval()
     return loaded
 
