@@ -12,6 +12,7 @@ engine or process runs the client.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,6 +135,21 @@ class TrainableModel:
             A.requires_grad_(False)
         for param in [*self.head.values(), *self.base.values()]:
             param.requires_grad_(False)
+
+    @contextmanager
+    def merged(self) -> Iterator[None]:
+        """The active adapter folded into the base weights (``W + s B A``, PEFT's ``merge_adapter``) for
+        inference: a forward then costs what the base model's does. The weights are restored bit for bit
+        afterwards from a copy (unmerging by subtraction would leave rounding in W round after round)."""
+        saved = {name: w.detach().clone() for name, w in self.base.items()}
+        self.model.merge_adapter()
+        try:
+            yield
+        finally:
+            self.model.unmerge_adapter()  # PEFT's bookkeeping: the layers use their adapters again
+            with torch.no_grad():
+                for name, weight in self.base.items():
+                    weight.copy_(saved[name])
 
     def live(self) -> LiveParameters:
         return LiveParameters(factors=self.factors, head=self.head, base=self.base)

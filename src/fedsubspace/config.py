@@ -69,6 +69,9 @@ class ExperimentConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 0.5
     eval_batch_size: int = 32
+    # Evaluate with the adapter merged into the weights (the base model's cost; the same scores to float
+    # rounding, the weights restored exactly after). Off: the adapters run beside the weights, as in training.
+    merged_eval: bool = False
     # method hyperparameters (each method reads the ones it defines)
     mu: float = 0.05
     alpha: float = 0.01
