@@ -199,6 +199,7 @@ def validate(c: ExperimentConfig) -> None:
     """Every check that can fail before any work starts."""
     from fedsubspace.methods import METHODS, heterogeneous_methods
     from fedsubspace.models import PRESETS, validate_quantization
+    from fedsubspace.shapes import shape_models
 
     _require(c.method in METHODS, f"unknown method {c.method!r}; choose one of: {', '.join(sorted(METHODS))}")
     _require(0.0 <= c.fedrot_lam <= 1.0, "fedrot_lam must be in [0, 1]")
@@ -215,8 +216,9 @@ def validate(c: ExperimentConfig) -> None:
     _require(0.0 < c.holdout_fraction < 1.0, "holdout_fraction must be in (0, 1)")
     looks_like_path_or_id = "/" in c.model or Path(c.model).expanduser().exists()
     _require(
-        c.model in PRESETS or looks_like_path_or_id,
-        f"unknown model {c.model!r}: use a preset ({', '.join(PRESETS)}), a local directory or a hub id",
+        c.model in PRESETS or c.model in shape_models() or looks_like_path_or_id,
+        f"unknown model {c.model!r}: use a preset ({', '.join(PRESETS)}), a random-weight shape "
+        f"({', '.join(shape_models())}), a local directory or a hub id",
     )
     _require(c.model_kind in (None, "encoder", "causal"), "model_kind must be encoder or causal")
     _require(c.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16")

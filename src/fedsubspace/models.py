@@ -285,6 +285,8 @@ def load_model(
     ``gradient_checkpointing`` recomputes activations in training's backward pass (non-reentrant:
     LoRA's frozen inputs need no gradient, and the dropout masks are replayed).
     """
+    from fedsubspace.shapes import build_shape, shape_name  # shapes builds on this module
+
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
     validate_quantization(load_in_4bit, device)
@@ -295,6 +297,8 @@ def load_model(
         torch.manual_seed(seed)
         if model in PRESETS:
             loaded = _load_preset(PRESETS[model], kind, torch_dtype, load_in_4bit, torch_device)
+        elif (shape := shape_name(model)) is not None:
+            loaded = build_shape(shape, torch_dtype, load_in_4bit)
         elif Path(model).expanduser().exists() or "/" in model:
             loaded = _load_pretrained(
                 _local_or_id(model), kind, torch_dtype, load_in_4bit, torch_device, local=False
