@@ -28,7 +28,7 @@ from fedsubspace.placement import (
     to_server,
     update_to_server,
 )
-from fedsubspace.scoring import Encoded, choice_scores, collate
+from fedsubspace.scoring import Encoded, autocast, choice_scores, collate
 from fedsubspace.seeding import DATA_ORDER, DROPOUT, stream_seed
 from fedsubspace.state import ClientUpdate, GlobalState
 
@@ -68,8 +68,10 @@ class TrainableModel:
         *,
         global_rank: int,
         keep_pristine: bool = False,
+        autocast: str | None = None,
     ) -> None:
         self.model, self.kind, self.device = model, kind, device
+        self.autocast = autocast  # forward passes under torch.autocast in this dtype (None: off)
         self.adapters, self.base = dict(adapters), dict(base)
         self.global_rank = global_rank
         self._select = select
@@ -208,7 +210,8 @@ def train_client(
         window_start = step - step % window
         window_size = min(window, steps - window_start)  # the last window may be shorter
         batch = collate(encoded, [next(order) for _ in range(schedule.batch_size)], tm.device)
-        scores = choice_scores(tm.model, batch, tm.kind)
+        with autocast(tm.device, tm.autocast):
+            scores = choice_scores(tm.model, batch, tm.kind)
         loss = nn.functional.cross_entropy(scores.float(), batch["labels"])
         (loss / window_size).backward()
         losses.append(loss.detach())

@@ -31,7 +31,10 @@ class ExperimentConfig:
     model: str = "tiny-encoder"
     model_kind: str | None = None  # encoder | causal; needed only for a model the presets do not know
     target_modules: list[str] | None = None  # default: the architecture's query/value projections
-    dtype: str = "float32"
+    dtype: str = "float32"  # the model's weights (LoRA factors stay float32: PEFT keeps adapters so)
+    # Mixed precision: float32 weights, forward passes (training and evaluation) in this dtype under
+    # torch.autocast. Only bfloat16: float16 would need loss scaling in training.
+    autocast: str | None = None
     device: str = "auto"
     load_in_4bit: bool = False
     # Recompute activations in the backward pass instead of storing them (less memory, ~30% more compute);
@@ -222,6 +225,11 @@ def validate(c: ExperimentConfig) -> None:
     )
     _require(c.model_kind in (None, "encoder", "causal"), "model_kind must be encoder or causal")
     _require(c.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16")
+    _require(c.autocast in (None, "bfloat16"), "autocast must be bfloat16 (or null for off)")
+    _require(
+        c.autocast is None or c.dtype == "float32",
+        "autocast keeps float32 weights and computes in bfloat16: set dtype=float32 (or drop autocast)",
+    )
     _require(
         re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", c.device) is not None,
         "device must be auto, cpu or cuda[:N]",

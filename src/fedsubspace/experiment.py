@@ -212,6 +212,7 @@ def prepare(config: ExperimentConfig) -> Experiment:
         select=peft_model.set_adapter,
         global_rank=max(ranks),
         keep_pristine=method.merges_into_base,
+        autocast=config.autocast,
     )
     init_factors, init_head = trainable.snapshot()
     initial_state = GlobalState(factors=init_factors, head=init_head, scaling=trainable.adapter.scaling)

@@ -313,6 +313,15 @@ def _ending_logprobs_naive(model: nn.Module, batch: dict[str, Tensor]) -> Tensor
     return right_aligned.gather(1, (torch.arange(le, device=ids.device) + shift) % le)
 
 
+def autocast(device: torch.device | str, dtype: str | None) -> torch.autocast:
+    """``torch.autocast`` on ``device`` in ``dtype`` (a name in AUTOCAST_DTYPES), or disabled for None."""
+    return torch.autocast(
+        torch.device(device).type,
+        dtype=AUTOCAST_DTYPES.get(dtype or "", torch.bfloat16),
+        enabled=dtype is not None,
+    )
+
+
 def evaluate(
     model: nn.Module,
     encoded: Encoded,
@@ -343,11 +352,7 @@ def evaluate(
     try:
         with (
             torch.inference_mode(),
-            torch.autocast(
-                torch.device(device).type,
-                dtype=AUTOCAST_DTYPES.get(autocast_dtype or "", torch.bfloat16),
-                enabled=autocast_dtype is not None,
-            ),
+            autocast(device, autocast_dtype),
             tqdm(total=n, desc="eval", unit="q", disable=not progress, leave=False) as bar,
         ):
             if kind == "encoder":

@@ -90,11 +90,19 @@ def evaluate_personal(exp: Experiment, method: Method, state: GlobalState, ctx: 
     return evaluate_loaded(exp, exp.holdouts[ctx.client_id])
 
 
-def evaluate_loaded(exp: Experiment, encoded: Encoded) -> EvalResult:
-    """The model as loaded on ``encoded``, with its adapter merged for the time when ``merged_eval``."""
+def evaluate_loaded(exp: Experiment, encoded: Encoded, *, merged: bool | None = None) -> EvalResult:
+    """The model as loaded on ``encoded``, its adapter merged for the time when ``merged`` (default: the
+    config's ``merged_eval``), under the config's autocast."""
     tm, config = exp.trainable, exp.config
-    with tm.merged() if config.merged_eval else nullcontext():
-        return evaluate(tm.model, encoded, tm.kind, batch_size=config.eval_batch_size, device=tm.device)
+    with tm.merged() if (config.merged_eval if merged is None else merged) else nullcontext():
+        return evaluate(
+            tm.model,
+            encoded,
+            tm.kind,
+            batch_size=config.eval_batch_size,
+            device=tm.device,
+            autocast_dtype=tm.autocast,
+        )
 
 
 def pool(results: list[EvalResult]) -> EvalResult:

@@ -17,7 +17,6 @@ import math
 import resource
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,8 @@ from fedsubspace.errors import UserError
 from fedsubspace.experiment import Experiment, local_schedule, method_options, prepare, sample_clients
 from fedsubspace.markdown import markdown_table
 from fedsubspace.methods import Method, get_method
-from fedsubspace.scoring import EvalResult, evaluate
-from fedsubspace.server import client_context
+from fedsubspace.scoring import EvalResult
+from fedsubspace.server import client_context, evaluate_loaded
 from fedsubspace.state import ClientUpdate, GlobalState
 
 MiB = 2**20
@@ -104,6 +103,7 @@ def bench_round(config: ExperimentConfig, rounds: int = 2, progress: bool = True
         "method": config.method,
         "device": str(tm.device),
         "dtype": config.dtype,
+        "autocast": config.autocast,
         "parameters_millions": sum(p.numel() for p in tm.model.parameters()) / 1e6,
         "adapted_modules": len(tm.factors),
         "local_steps": config.max_local_steps,
@@ -146,12 +146,8 @@ def time_round(
     _, diagnostics_s, diagnostics_mib = timed(memory, lambda: round_diagnostics(updates, weights, new_state))
     tm.load(new_state)
 
-    def score(merged: bool) -> EvalResult:
-        with tm.merged() if merged else nullcontext():
-            return evaluate(tm.model, exp.eval, tm.kind, batch_size=config.eval_batch_size, device=tm.device)
-
-    unmerged, unmerged_s, unmerged_mib = timed(memory, lambda: score(merged=False))
-    merged, merged_s, merged_mib = timed(memory, lambda: score(merged=True))
+    unmerged, unmerged_s, unmerged_mib = timed(memory, lambda: evaluate_loaded(exp, exp.eval, merged=False))
+    merged, merged_s, merged_mib = timed(memory, lambda: evaluate_loaded(exp, exp.eval, merged=True))
     check_same_scores(unmerged, merged)
     return new_state, {
         "round": round_index,
@@ -181,7 +177,8 @@ def format_report(report: dict[str, Any]) -> str:
     head = (
         f"{report['model']} ({report['parameters_millions']:.1f}M parameters, {report['adapted_modules']} "
         f"adapted modules), {report['method']}, {report['local_steps']} local steps a client, "
-        f"{report['eval_questions']} evaluation questions, on {report['device']} in {report['dtype']}; "
+        f"{report['eval_questions']} evaluation questions, on {report['device']} in {report['dtype']}"
+        f"{' (autocast ' + report['autocast'] + ')' if report['autocast'] else ''}; "
         f"peak memory: {report['memory']}"
     )
     titles = [
