@@ -235,6 +235,10 @@ def validate(c: ExperimentConfig) -> None:
         "device must be auto, cpu or cuda[:N]",
     )
     validate_quantization(c.load_in_4bit, c.device)
+    _require(
+        not (c.merged_eval and c.load_in_4bit),
+        "merged_eval cannot merge adapters into 4-bit weights exactly: drop merged_eval or load_in_4bit",
+    )
     _require(c.partition in ("iid", "dirichlet"), "partition must be iid or dirichlet")
     _require(0.0 < c.client_fraction <= 1.0, "client_fraction must be in (0, 1]")
     for key in ("lora_rank", "max_length", "num_clients", "num_rounds", "max_local_steps", "batch_size"):
