@@ -96,3 +96,10 @@ def test_paper_causal_config_is_refused_in_one_line_without_a_gpu(tmp_path, caps
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip() == "fedsubspace: error: load_in_4bit needs a CUDA GPU; this machine has none"
+
+
+def test_merged_eval_with_4bit_weights_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a machine where 4-bit loading would work (simulated), merging into 4-bit weights is refused."""
+    monkeypatch.setattr(models, "validate_quantization", lambda load_in_4bit, device: None)
+    with pytest.raises(UserError, match=r"^merged_eval cannot merge adapters into 4-bit weights exactly"):
+        tiny("tiny-encoder", "fedavg", "load_in_4bit=true", "merged_eval=true")

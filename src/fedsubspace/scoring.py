@@ -8,6 +8,7 @@ runs once per question and the endings continue from its key/value cache.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import datasets
@@ -313,13 +314,12 @@ def _ending_logprobs_naive(model: nn.Module, batch: dict[str, Tensor]) -> Tensor
     return right_aligned.gather(1, (torch.arange(le, device=ids.device) + shift) % le)
 
 
-def autocast(device: torch.device | str, dtype: str | None) -> torch.autocast:
-    """``torch.autocast`` on ``device`` in ``dtype`` (a name in AUTOCAST_DTYPES), or disabled for None."""
-    return torch.autocast(
-        torch.device(device).type,
-        dtype=AUTOCAST_DTYPES.get(dtype or "", torch.bfloat16),
-        enabled=dtype is not None,
-    )
+def autocast(device: torch.device | str, dtype: str | None) -> AbstractContextManager:
+    """``torch.autocast`` on ``device`` in ``dtype`` (a name in AUTOCAST_DTYPES), or nothing for None
+    (torch.autocast refuses some device types, such as meta, even disabled)."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[dtype])
 
 
 def evaluate(
