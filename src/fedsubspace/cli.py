@@ -172,6 +172,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_round(args: argparse.Namespace) -> int:
+    from fedsubspace.bench.round import bench_round, format_report
+    from fedsubspace.config import load_config
+    from fedsubspace.shapes import PREFIX
+
+    explicit = {"method": args.method, "model": PREFIX + args.shape if args.shape else None}
+    if args.questions is not None:
+        explicit["max_eval_samples"] = args.questions
+    report = bench_round(load_config(args.config, args.set, **explicit), rounds=args.rounds)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 def cmd_flower_local(args: argparse.Namespace) -> int:
     from fedsubspace.config import load_config
     from fedsubspace.flower.local import FlowerRunError, run_local
@@ -294,6 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
     causal.add_argument("--json", action="store_true")
     causal.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     causal.set_defaults(func=cmd_bench_causal_eval)
+    rnd = bench.add_parser("round", help="a config's rounds timed phase by phase, with peak memory")
+    rnd.add_argument("--config", type=Path, help="YAML config (default: the paper's encoder protocol)")
+    rnd.add_argument("--method", help="aggregation method (overrides the config)")
+    rnd.add_argument(
+        "--shape",
+        help="a random-weight model of this size instead of the config's model: roberta-large, roberta-base, "
+        "smollm-360m, smollm-135m",
+    )
+    rnd.add_argument("--rounds", type=int, default=2, help="rounds to time (round 1 includes warm-up)")
+    rnd.add_argument("--questions", type=int, help="evaluation questions (overrides max_eval_samples)")
+    rnd.add_argument("--json", action="store_true")
+    rnd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    rnd.set_defaults(func=cmd_bench_round)
 
     export = commands.add_parser(
         "export", help="a finished run's model as a PEFT adapter directory (or, --merged, a full model)"

@@ -12,6 +12,7 @@ engine or process runs the client.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,15 @@ import torch
 from torch import nn
 
 from fedsubspace.methods import ClientContext, LiveParameters, LocalSchedule, Method
-from fedsubspace.scoring import Encoded, choice_scores, collate
+from fedsubspace.placement import (
+    Placement,
+    state_to_client,
+    tensors_to_client,
+    tensors_to_server,
+    to_server,
+    update_to_server,
+)
+from fedsubspace.scoring import Encoded, autocast, choice_scores, collate
 from fedsubspace.seeding import DATA_ORDER, DROPOUT, stream_seed
 from fedsubspace.state import ClientUpdate, GlobalState
 
@@ -59,13 +68,21 @@ class TrainableModel:
         *,
         global_rank: int,
         keep_pristine: bool = False,
+        autocast: str | None = None,
     ) -> None:
         self.model, self.kind, self.device = model, kind, device
+        self.autocast = autocast  # forward passes under torch.autocast in this dtype (None: off)
         self.adapters, self.base = dict(adapters), dict(base)
         self.global_rank = global_rank
         self._select = select
         self.active = global_rank
         self.pristine = {n: w.detach().clone() for n, w in self.base.items()} if keep_pristine else None
+
+    @property
+    def placement(self) -> Placement:
+        """Where client rounds compute: the device and dtype of the adapter parameters."""
+        B, _ = next(iter(self.adapters[self.global_rank].factors.values()))
+        return Placement(B.device, B.dtype)
 
     @property
     def adapter(self) -> Adapter:
@@ -121,16 +138,28 @@ class TrainableModel:
         for param in [*self.head.values(), *self.base.values()]:
             param.requires_grad_(False)
 
+    @contextmanager
+    def merged(self) -> Iterator[None]:
+        """The active adapter folded into the base weights (``W + s B A``, PEFT's ``merge_adapter``) for
+        inference: a forward then costs what the base model's does. The weights are restored bit for bit
+        afterwards from a copy (unmerging by subtraction would leave rounding in W round after round)."""
+        saved = {name: w.detach().clone() for name, w in self.base.items()}
+        self.model.merge_adapter()
+        try:
+            yield
+        finally:
+            self.model.unmerge_adapter()  # PEFT's bookkeeping: the layers use their adapters again
+            with torch.no_grad():
+                for name, weight in self.base.items():
+                    weight.copy_(saved[name])
+
     def live(self) -> LiveParameters:
         return LiveParameters(factors=self.factors, head=self.head, base=self.base)
 
     def snapshot(self) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
-        factors = {
-            name: (B.detach().cpu().clone(), A.detach().cpu().clone())
-            for name, (B, A) in self.factors.items()
-        }
-        head = {name: p.detach().cpu().clone() for name, p in self.head.items()}
-        return factors, head
+        """The active adapter and head as the server keeps them (CPU copies)."""
+        factors = {name: (to_server(B), to_server(A)) for name, (B, A) in self.factors.items()}
+        return factors, tensors_to_server(self.head)
 
 
 def example_stream(indices: list[int], rng: np.random.Generator) -> Iterator[int]:
@@ -154,11 +183,15 @@ def train_client(
     memory: dict[str, Tensor] | None = None,
 ) -> ClientUpdate:
     """One local round. ``rank`` is the client's LoRA rank (default: the global one); ``memory`` the
-    tensors it keeps privately between its rounds (default: none kept)."""
+    tensors it keeps privately between its rounds (default: none kept), updated in place.
+
+    ``state`` and ``memory`` are the server's (CPU); the round works on copies placed on the model's
+    device and dtype, and the update and memory come back as the server keeps them
+    (:mod:`fedsubspace.placement`)."""
     adapter = tm.activate(state.rank if rank is None else rank)
-    ctx = ClientContext(
-        client_id, round_index, adapter.rank, adapter.scaling, {} if memory is None else memory
-    )
+    state = state_to_client(state, tm.placement)
+    on_client = tensors_to_client({} if memory is None else memory, tm.placement)
+    ctx = ClientContext(client_id, round_index, adapter.rank, adapter.scaling, on_client)
     start = method.client_start(state, ctx)
     tm.load_weights(start.factors, start.head, state.residual)
     tm.freeze()
@@ -170,17 +203,18 @@ def train_client(
     tm.model.train()
 
     steps, window = schedule.max_local_steps, schedule.gradient_accumulation_steps
-    losses: list[float] = []
+    losses: list[Tensor] = []  # kept on the device: reading one is a device synchronisation
     for optimizer in plan.optimizers:
         optimizer.zero_grad(set_to_none=True)
     for step in range(steps):
         window_start = step - step % window
         window_size = min(window, steps - window_start)  # the last window may be shorter
         batch = collate(encoded, [next(order) for _ in range(schedule.batch_size)], tm.device)
-        scores = choice_scores(tm.model, batch, tm.kind)
+        with autocast(tm.device, tm.autocast):
+            scores = choice_scores(tm.model, batch, tm.kind)
         loss = nn.functional.cross_entropy(scores.float(), batch["labels"])
         (loss / window_size).backward()
-        losses.append(loss.item())
+        losses.append(loss.detach())
         if step + 1 == window_start + window_size:
             if plan.regularizer is not None:
                 plan.regularizer(tm.factors).backward()
@@ -191,14 +225,19 @@ def train_client(
             for optimizer in plan.optimizers:
                 optimizer.zero_grad(set_to_none=True)
 
-    factors, head = tm.snapshot()
     update = ClientUpdate(
         client_id=client_id,
         num_examples=len(indices),
-        factors=factors,
-        head=head,
-        train_loss=float(np.mean(losses)),
+        factors={name: (B.detach(), A.detach()) for name, (B, A) in tm.factors.items()},
+        head={name: p.detach() for name, p in tm.head.items()},
+        # the mean of the float32 losses in float64, as numpy takes it
+        train_loss=float(np.mean(to_server(torch.stack(losses)).double().numpy())),
         scaling=adapter.scaling,
         trained=plan.trains,
     )
-    return plan.finish(update) if plan.finish is not None else update
+    if plan.finish is not None:
+        update = plan.finish(update)
+    if memory is not None:
+        memory.clear()
+        memory.update(tensors_to_server(ctx.memory))
+    return update_to_server(update)

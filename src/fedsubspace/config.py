@@ -34,9 +34,15 @@ class ExperimentConfig:
     model: str = "tiny-encoder"
     model_kind: str | None = None  # encoder | causal; needed only for a model the presets do not know
     target_modules: list[str] | None = None  # default: the architecture's query/value projections
-    dtype: str = "float32"
+    dtype: str = "float32"  # the model's weights (LoRA factors stay float32: PEFT keeps adapters so)
+    # Mixed precision: float32 weights, forward passes (training and evaluation) in this dtype under
+    # torch.autocast. Only bfloat16: float16 would need loss scaling in training.
+    autocast: str | None = None
     device: str = "auto"
     load_in_4bit: bool = False
+    # Recompute activations in the backward pass instead of storing them (less memory, ~30% more compute);
+    # the same gradients. The paper's code enables it.
+    gradient_checkpointing: bool = False
     lora_rank: int = 8
     # Each client's own LoRA rank: a list (one per client) or "cycle(4,8,16)"; overrides lora_rank.
     # Only methods that serve mixed ranks accept different ones; the global model has the largest.
@@ -73,6 +79,9 @@ class ExperimentConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 0.5
     eval_batch_size: int = 32
+    # Evaluate with the adapter merged into the weights (the base model's cost; the same scores to float
+    # rounding, the weights restored exactly after). Off: the adapters run beside the weights, as in training.
+    merged_eval: bool = False
     # method hyperparameters (each method reads the ones it defines)
     mu: float = 0.05
     alpha: float = 0.01
@@ -251,6 +260,7 @@ def validate(c: ExperimentConfig) -> None:
     """Every check that can fail before any work starts."""
     from fedsubspace.methods import METHODS, heterogeneous_methods
     from fedsubspace.models import PRESETS, validate_dtype, validate_quantization
+    from fedsubspace.shapes import shape_models
     from fedsubspace.tracking import TRACKERS
 
     _require(c.method in METHODS, f"unknown method {c.method!r}; choose one of: {', '.join(sorted(METHODS))}")
@@ -277,17 +287,27 @@ def validate(c: ExperimentConfig) -> None:
     )
     looks_like_path_or_id = "/" in c.model or Path(c.model).expanduser().exists()
     _require(
-        c.model in PRESETS or looks_like_path_or_id,
-        f"unknown model {c.model!r}: use a preset ({', '.join(PRESETS)}), a local directory or a hub id",
+        c.model in PRESETS or c.model in shape_models() or looks_like_path_or_id,
+        f"unknown model {c.model!r}: use a preset ({', '.join(PRESETS)}), a random-weight shape "
+        f"({', '.join(shape_models())}), a local directory or a hub id",
     )
     _require(c.model_kind in (None, "encoder", "causal"), "model_kind must be encoder or causal")
     _require(c.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16")
+    _require(c.autocast in (None, "bfloat16"), "autocast must be bfloat16 (or null for off)")
+    _require(
+        c.autocast is None or c.dtype == "float32",
+        "autocast keeps float32 weights and computes in bfloat16: set dtype=float32 (or drop autocast)",
+    )
     _require(
         re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", c.device) is not None,
         "device must be auto, cpu or cuda[:N]",
     )
     validate_quantization(c.load_in_4bit, c.device)
     validate_dtype(c.dtype, c.device)
+    _require(
+        not (c.merged_eval and c.load_in_4bit),
+        "merged_eval cannot merge adapters into 4-bit weights exactly: drop merged_eval or load_in_4bit",
+    )
     _require(c.partition in ("iid", "dirichlet"), "partition must be iid or dirichlet")
     _require(0.0 < c.client_fraction <= 1.0, "client_fraction must be in (0, 1]")
     for key in ("lora_rank", "max_length", "num_clients", "num_rounds", "max_local_steps", "batch_size"):

@@ -214,6 +214,7 @@ def prepare(config: ExperimentConfig) -> Experiment:
         seed=config.seed,
         load_in_4bit=config.load_in_4bit,
         target_modules=config.target_modules,
+        gradient_checkpointing=config.gradient_checkpointing,
     )
     ranks = client_ranks(config)
     targets = config.target_modules or loaded.target_modules
@@ -238,6 +239,7 @@ def prepare(config: ExperimentConfig) -> Experiment:
         select=peft_model.set_adapter,
         global_rank=max(ranks),
         keep_pristine=method.merges_into_base,
+        autocast=config.autocast,
     )
     init_factors, init_head = trainable.snapshot()
     initial_state = GlobalState(factors=init_factors, head=init_head, scaling=trainable.adapter.scaling)

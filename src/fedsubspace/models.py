@@ -281,13 +281,18 @@ def load_model(
     seed: int = 0,
     load_in_4bit: bool = False,
     target_modules: list[str] | None = None,
+    gradient_checkpointing: bool = False,
 ) -> LoadedModel:
     """Load a preset, local directory or Hugging Face id as a base model plus tokenizer.
 
     ``kind`` may be None for non-presets: it is then guessed from the config. ``seed`` fixes
     every newly initialised weight (the tiny models, the multiple-choice head) without
     touching the global RNG. ``target_modules`` overrides the architecture's LoRA default.
+    ``gradient_checkpointing`` recomputes activations in training's backward pass (non-reentrant:
+    LoRA's frozen inputs need no gradient, and the dropout masks are replayed).
     """
+    from fedsubspace.shapes import build_shape, shape_name  # shapes builds on this module
+
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
     validate_quantization(load_in_4bit, device)
@@ -298,6 +303,8 @@ def load_model(
         torch.manual_seed(seed)
         if model in PRESETS:
             loaded = _load_preset(PRESETS[model], kind, torch_dtype, load_in_4bit, torch_device)
+        elif (shape := shape_name(model)) is not None:
+            loaded = build_shape(shape, torch_dtype, load_in_4bit)
         elif Path(model).expanduser().exists() or "/" in model:
             loaded = _load_pretrained(
                 _local_or_id(model), kind, torch_dtype, load_in_4bit, torch_device, local=False
@@ -311,6 +318,8 @@ def load_model(
     if not load_in_4bit:
         # dtype was applied at construction, which keeps float32 buffers (rotary inv_freq) intact.
         loaded.model.to(torch_device)
+    if gradient_checkpointing:
+        loaded.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     loaded.model.eval()
     return loaded
 

@@ -8,6 +8,7 @@ runs once per question and the endings continue from its key/value cache.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import datasets
@@ -353,6 +354,14 @@ def _ending_logprobs_naive(model: nn.Module, batch: dict[str, Tensor]) -> Tensor
     return right_aligned.gather(1, (torch.arange(le, device=ids.device) + shift) % le)
 
 
+def autocast(device: torch.device | str, dtype: str | None) -> AbstractContextManager:
+    """``torch.autocast`` on ``device`` in ``dtype`` (a name in AUTOCAST_DTYPES), or nothing for None
+    (torch.autocast refuses some device types, such as meta, even disabled)."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[dtype])
+
+
 def evaluate(
     model: nn.Module,
     encoded: Encoded,
@@ -383,11 +392,7 @@ def evaluate(
     try:
         with (
             torch.inference_mode(),
-            torch.autocast(
-                torch.device(device).type,
-                dtype=AUTOCAST_DTYPES.get(autocast_dtype or "", torch.bfloat16),
-                enabled=autocast_dtype is not None,
-            ),
+            autocast(device, autocast_dtype),
             tqdm(total=n, desc="eval", unit="q", disable=not progress, leave=False) as bar,
         ):
             if kind == "encoder":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from fedsubspace.experiment import Experiment
 from fedsubspace.methods import ClientContext, Method
 from fedsubspace.predictions import copy_predictions, write_predictions
 from fedsubspace.results import SUMMARY, Memories, RunDirectory
-from fedsubspace.scoring import EvalResult, ExamplePredictions, evaluate
+from fedsubspace.scoring import Encoded, EvalResult, ExamplePredictions, evaluate
 from fedsubspace.state import ClientUpdate, Factors, GlobalState
 
 DIAGNOSTIC_KEYS = (
@@ -71,10 +72,9 @@ def client_context(exp: Experiment, memories: Memories, client_id: int, round_in
 def evaluate_model(exp: Experiment, method: Method, state: GlobalState, memories: Memories) -> EvalResult:
     """The global model on the evaluation split; for a personalised method, every client's own model
     (as it would start its next round) on its held-out examples, pooled in client order."""
-    tm, batch_size = exp.trainable, exp.config.eval_batch_size
     if not method.personalised:
-        tm.load(state)
-        return evaluate(tm.model, exp.eval, tm.kind, batch_size=batch_size, device=tm.device)
+        exp.trainable.load(state)
+        return evaluate_loaded(exp, exp.eval)
     assert exp.holdouts is not None
     return pool(
         [
@@ -91,13 +91,22 @@ def evaluate_personal(exp: Experiment, method: Method, state: GlobalState, ctx: 
     tm.activate(ctx.rank)
     start = method.client_start(state, ctx)
     tm.load_weights(start.factors, start.head, state.residual)
-    return evaluate(
-        tm.model,
-        exp.holdouts[ctx.client_id],
-        tm.kind,
-        batch_size=exp.config.eval_batch_size,
-        device=tm.device,
-    )
+    return evaluate_loaded(exp, exp.holdouts[ctx.client_id])
+
+
+def evaluate_loaded(exp: Experiment, encoded: Encoded, *, merged: bool | None = None) -> EvalResult:
+    """The model as loaded on ``encoded``, its adapter merged for the time when ``merged`` (default: the
+    config's ``merged_eval``), under the config's autocast."""
+    tm, config = exp.trainable, exp.config
+    with tm.merged() if (config.merged_eval if merged is None else merged) else nullcontext():
+        return evaluate(
+            tm.model,
+            encoded,
+            tm.kind,
+            batch_size=config.eval_batch_size,
+            device=tm.device,
+            autocast_dtype=tm.autocast,
+        )
 
 
 def pool(results: list[EvalResult]) -> EvalResult:

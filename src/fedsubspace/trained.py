@@ -77,9 +77,7 @@ def open_run(path: Path) -> TrainedRun:
     """The finished fedsubspace run in ``path``, or one line saying why ``path`` is not one."""
     if not path.is_dir():
         raise UserError(f"{path} is not a directory")
-    missing = [
-        name for name in (CONFIG, LAST) if not (path / name).is_file()
-    ]
+    missing = [name for name in (CONFIG, LAST) if not (path / name).is_file()]
     if missing:
         raise UserError(
             f"{path} is not a fedsubspace results directory (it has no {' or '.join(missing)}); "

@@ -123,7 +123,7 @@ class ProjectedAdam(torch.optim.Optimizer):
         moments = torch.zeros(rank, gradient.shape[1], dtype=gradient.dtype, device=gradient.device)
         state = {"P": P, "M": moments, "V": moments.clone(), "N": moments.clone(), "step": 0, "warm": False}
         if name in self.warm:
-            P_old, V_start = (t.to(gradient) for t in self.warm[name])
+            P_old, V_start = (t.to(dtype=gradient.dtype) for t in self.warm[name])
             state.update(V=((P.mT @ P_old) ** 2) @ V_start, warm=True)
         return state
 
@@ -132,9 +132,9 @@ class ProjectedAdam(torch.optim.Optimizer):
         factors, projectors, moments = {}, {}, {}
         for name, weight in zip(self.names, self.param_groups[0]["params"], strict=True):
             st = self.state[weight]
-            P, N = st["P"].cpu(), st["N"].cpu()
+            P, N = st["P"], st["N"]
             factors[name] = (N.mT, P.mT) if right_sided(weight) else (P, N)
-            projectors[name], moments[name] = P, st["V"].cpu()
+            projectors[name], moments[name] = P, st["V"]
         return factors, projectors, moments
 
 

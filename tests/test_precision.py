@@ -1,0 +1,92 @@
+"""Mixed precision: bfloat16 weights or float32 weights under bfloat16 autocast on the client; the server's
+state stays float32 whatever the model computes in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_devices import update_tensors
+from test_federation import MIXED_RANK_METHODS, tiny
+
+from fedsubspace.client import train_client
+from fedsubspace.errors import UserError
+from fedsubspace.experiment import local_schedule, method_options, prepare
+from fedsubspace.methods import METHODS, get_method
+from fedsubspace.server import evaluate_loaded
+
+
+def one_round(method: str, *overrides: str):  # type: ignore[no-untyped-def]
+    """Two clients of round 1 and the aggregated state, with every tensor the server receives."""
+    mixed = ["client_ranks=[4, 2, 2, 4]"] if method in MIXED_RANK_METHODS else []
+    config = tiny(
+        "tiny-encoder", method, "max_local_steps=2", "gradient_accumulation_steps=1", *mixed, *overrides
+    )
+    exp = prepare(config)
+    rule = get_method(method, method_options(config))
+    memories: list[dict[str, torch.Tensor]] = [{}, {}]
+    schedule = local_schedule(config)
+
+    def client(c: int):  # type: ignore[no-untyped-def]
+        seeded = {"seed": config.seed, "round_index": 1, "client_id": c, "rank": exp.client_ranks[c]}
+        data = exp.partitions[c]
+        return train_client(
+            exp.trainable, rule, exp.initial_state, exp.train, data, schedule, memory=memories[c], **seeded
+        )
+
+    updates = [client(0), client(1)]
+    state = rule.aggregate(exp.initial_state, updates, [0.5, 0.5])
+    return exp, updates, memories, state
+
+
+def server_tensors(state) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+    return [
+        *(t for pair in state.factors.values() for t in pair),
+        *state.head.values(),
+        *state.extras.values(),
+        *state.residual.values(),
+    ]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_bfloat16_weights_leave_the_server_in_float32(method: str) -> None:
+    exp, updates, memories, state = one_round(method, "dtype=bfloat16")
+    assert all(w.dtype == torch.bfloat16 for w in exp.trainable.base.values())
+    received = [*server_tensors(exp.initial_state), *server_tensors(state)]
+    received += [t for u in updates for t in update_tensors(u)] + [t for m in memories for t in m.values()]
+    assert received and all(t.dtype == torch.float32 for t in received if t.is_floating_point())
+    assert all(torch.isfinite(t).all() for t in received)
+
+
+def test_autocast_computes_in_bfloat16_and_keeps_float32_weights() -> None:
+    config = tiny("tiny-encoder", "subspace_reg", "autocast=bfloat16")
+    exp = prepare(config)
+    tm = exp.trainable
+    seen: list[torch.dtype] = []
+    layer = next(m for m in tm.model.modules() if isinstance(m, torch.nn.Linear))
+    layer.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    rule = get_method(config.method, method_options(config))
+    update = train_client(
+        tm, rule, exp.initial_state, exp.train, exp.partitions[0], local_schedule(config),
+        seed=config.seed, round_index=1, client_id=0,
+    )  # fmt: skip
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in tm.model.parameters())
+    assert all(t.dtype == torch.float32 for t in update_tensors(update))
+    seen.clear()
+    mixed = evaluate_loaded(exp, exp.eval)
+    assert set(seen) == {torch.bfloat16}
+    tm.autocast = None
+    full = evaluate_loaded(exp, exp.eval)
+    assert mixed.loss == pytest.approx(full.loss, abs=0.02)  # bf16 keeps 8 bits of mantissa
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["autocast=float16"], "autocast must be bfloat16"),
+        (["autocast=bfloat16", "dtype=bfloat16"], "autocast keeps float32 weights"),
+    ],
+)
+def test_precision_mistakes_are_refused(overrides: list[str], message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        tiny("tiny-encoder", "fedavg", *overrides)
