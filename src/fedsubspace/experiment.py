@@ -18,7 +18,7 @@ from peft import LoraConfig, PeftModel
 
 from fedsubspace.client import Adapter, TrainableModel
 from fedsubspace.config import ExperimentConfig, client_ranks
-from fedsubspace.data import FieldMap, load_multiple_choice, partition_indices, partition_stats
+from fedsubspace.data import partition_indices, partition_stats
 from fedsubspace.errors import UserError
 from fedsubspace.methods import METHODS, LocalSchedule, MethodOptions
 from fedsubspace.models import (
@@ -29,9 +29,10 @@ from fedsubspace.models import (
     lora_scaling,
     resolve_device,
 )
-from fedsubspace.scoring import Encoded, encode
+from fedsubspace.scoring import Encoded
 from fedsubspace.seeding import ADAPTERS, HOLDOUT, SAMPLING, stream_seed
 from fedsubspace.state import GlobalState
+from fedsubspace.tasks import TASKS
 
 
 @dataclass
@@ -153,18 +154,9 @@ def subset(encoded: Encoded, indices: list[int]) -> Encoded:
 
 
 def prepare(config: ExperimentConfig) -> Experiment:
-    fields = FieldMap(
-        context=config.context_field,
-        choices=config.choices_field,
-        label=config.label_field,
-        group=config.partition_field,
-    )
-    train = load_multiple_choice(
-        config.dataset, config.train_split, fields, limit=config.max_train_samples, seed=config.seed
-    )
-    evaluation = load_multiple_choice(
-        config.dataset, config.eval_split, fields, limit=config.max_eval_samples, seed=config.seed
-    )
+    task = TASKS[config.task]
+    train = task.load(config, config.train_split, config.max_train_samples)
+    evaluation = task.load(config, config.eval_split, config.max_eval_samples)
     partitions = partition_indices(
         train,
         config.num_clients,
@@ -187,6 +179,7 @@ def prepare(config: ExperimentConfig) -> Experiment:
         seed=config.seed,
         load_in_4bit=config.load_in_4bit,
         target_modules=config.target_modules,
+        encoder_head=task.encoder_head(config),
     )
     ranks = client_ranks(config)
     targets = config.target_modules or loaded.target_modules
@@ -214,12 +207,12 @@ def prepare(config: ExperimentConfig) -> Experiment:
     )
     init_factors, init_head = trainable.snapshot()
     initial_state = GlobalState(factors=init_factors, head=init_head, scaling=trainable.adapter.scaling)
-    encoded_train = encode(train, loaded.tokenizer, loaded.kind, config.max_length)
+    encoded_train = task.encode(train, loaded.tokenizer, loaded.kind, config)
     return Experiment(
         config=config,
         trainable=trainable,
         train=encoded_train,
-        eval=encode(evaluation, loaded.tokenizer, loaded.kind, config.max_length),
+        eval=task.encode(evaluation, loaded.tokenizer, loaded.kind, config),
         partitions=partitions,
         partition_stats=partition_stats(
             train, partitions, by="group", scheme=config.partition, alpha=config.dirichlet_alpha
