@@ -288,3 +288,16 @@ def test_data_fetch_sst2_copies_a_local_copy_and_without_the_hub_says_what_to_do
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "cannot load glue/sst2 from the Hugging Face hub" in err
     assert "--from DIR" in err and not (tmp_path / "elsewhere").exists()
+
+
+def test_the_report_draws_each_clients_label_histogram(tmp_path):
+    from fedsubspace.experiments.report import write_report
+
+    for method in ("fedavg", "svd"):
+        simulation.run(
+            sst2_config("tiny-encoder", method), tmp_path / "toy" / method / "seed42", progress=False
+        )
+    out = write_report(tmp_path)
+    page = (out / "index.html").read_text()
+    assert "<img src='toy-partition.png'" in page
+    assert (out / "toy-partition.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

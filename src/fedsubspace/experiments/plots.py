@@ -5,11 +5,14 @@ one standard deviation. Drawn on matplotlib's Agg canvas (files only, no display
   personalised method's is on its clients' held-out data), the centralized reference's final accuracy
   a dashed line;
 - basis overlap, update overlap, cancellation ratio: the federated methods only (with one client the
-  centralized reference has nothing to compare).
+  centralized reference has nothing to compare);
+- the partition: one bar per client, split by label, from a federated run's ``partition_stats.json``
+  (the split depends on the seed only, so the first seed's stands for the setup).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import Path
@@ -115,4 +118,36 @@ def plot_setup(out: Path, setup: str, runs: list[RunRecord], colours: dict[str, 
             _draw(ax, _per_round(group, key), 1, label, colours[label])
         names.append(f"{slug(setup)}-{key}.png")
         _save(fig, ax, out / names[-1], f"{setup}: {title}", title)
-    return names
+    partition = _plot_partition(out, setup, [run for group in federated.values() for run in group])
+    return names + partition
+
+
+def _plot_partition(out: Path, setup: str, runs: list[RunRecord]) -> list[str]:
+    """The label histogram of every client as stacked bars, or nothing when no run recorded one."""
+    found = sorted(
+        run.path / "partition_stats.json" for run in runs if (run.path / "partition_stats.json").is_file()
+    )
+    if not found:
+        return []
+    stats = json.loads(found[0].read_text())
+    if not stats.get("clients"):
+        return []
+    histograms = np.array([client["label_histogram"] for client in stats["clients"]], dtype=float)
+    names = stats.get("label_names") or [f"label {k}" for k in range(histograms.shape[1])]
+    fig, ax = _figure()
+    clients = np.arange(len(histograms))
+    bottom = np.zeros(len(histograms))
+    for k, name in enumerate(names):
+        ax.bar(clients, histograms[:, k], bottom=bottom, color=_PALETTE[k % len(_PALETTE)], label=name)
+        bottom += histograms[:, k]
+    alpha = f" alpha {stats['alpha']}" if stats.get("scheme") == "dirichlet" else ""
+    ax.set_title(
+        f"{setup}: examples per client by label ({stats.get('scheme')}{alpha}, {found[0].parent.name})"
+    )
+    ax.set_xlabel("client")
+    ax.set_ylabel("examples")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    name = f"{slug(setup)}-partition.png"
+    fig.savefig(out / name, bbox_inches="tight")
+    return [name]
