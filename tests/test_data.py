@@ -223,8 +223,10 @@ def test_custom_field_map(tmp_path: Path, num_choices: int) -> None:
     assert dataset["choices"] == [row["options"] for row in rows]
     assert dataset["label"] == [row["answer"] for row in rows]
     assert dataset["group"] == [str(row["topic"]) for row in rows]
-    # The default field names are not in these rows: the error says which one to map.
-    with pytest.raises(UserError, match=r"task\.jsonl:1: field 'ctx' missing.*FieldMap"):
+    # The default field names are not in these rows: the error names the config key that maps it.
+    with pytest.raises(
+        UserError, match=r"task\.jsonl:1: field 'ctx' missing.*; set context_field in the config$"
+    ):
         load_multiple_choice(str(path), "train")
 
 

@@ -88,11 +88,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
-    from fedsubspace.data import fetch_hellaswag
+    from fedsubspace.data import fetch_hellaswag, fetch_sst2
 
-    if args.name != "hellaswag":
-        raise UserError(f"no fetcher for dataset {args.name!r}; available: hellaswag")
-    print(f"hellaswag is in {fetch_hellaswag(args.dest, source_dir=args.source)}")
+    fetchers = {"hellaswag": fetch_hellaswag, "sst2": fetch_sst2}
+    if args.name not in fetchers:
+        raise UserError(f"no fetcher for dataset {args.name!r}; available: {', '.join(fetchers)}")
+    print(f"{args.name} is in {fetchers[args.name](args.dest, source_dir=args.source)}")
     return 0
 
 
@@ -268,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     fetch = data.add_parser("fetch", help="obtain a dataset into the cache (FEDSUBSPACE_CACHE)")
-    fetch.add_argument("name", help="dataset name (hellaswag)")
+    fetch.add_argument("name", help="dataset name (hellaswag, sst2)")
     fetch.add_argument("--from", dest="source", type=Path, help="copy from a local directory instead")
     fetch.add_argument("--dest", type=Path, help="target directory (default: the cache)")
     fetch.set_defaults(func=cmd_data_fetch)

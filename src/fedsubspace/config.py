@@ -51,13 +51,19 @@ class ExperimentConfig:
     lora_dropout: float = 0.05
     max_length: int = 256
     # data
+    task: str = "multiple_choice"  # multiple_choice | classification (fedsubspace.tasks)
     dataset: str = "hellaswag"
     train_split: str = "train"
     eval_split: str = "validation"
     context_field: str = "ctx"
     choices_field: str = "endings"
     label_field: str = "label"
-    partition_field: str = "activity_label"
+    partition_field: str = "activity_label"  # read only by a dirichlet split
+    # classification: one text (or a pair) -> one of label_names; the label field holds a name or an index
+    text_field: str = "sentence"
+    text_pair_field: str | None = None
+    label_names: list[str] | None = None
+    label_words: list[str] | None = None  # what causal models score per label; default " " + name
     max_train_samples: int | None = 8000
     max_eval_samples: int | None = 1000
     # Which evaluation questions a run draws when max_eval_samples subsamples: null = the run's seed (a
@@ -261,9 +267,21 @@ def validate(c: ExperimentConfig) -> None:
     from fedsubspace.methods import METHODS, heterogeneous_methods
     from fedsubspace.models import PRESETS, validate_dtype, validate_quantization
     from fedsubspace.shapes import shape_models
+    from fedsubspace.tasks import TASKS
     from fedsubspace.tracking import TRACKERS
 
     _require(c.method in METHODS, f"unknown method {c.method!r}; choose one of: {', '.join(sorted(METHODS))}")
+    _require(c.task in TASKS, f"unknown task {c.task!r}; choose one of: {', '.join(TASKS)}")
+    if c.task == "classification":
+        names = c.label_names or []
+        _require(
+            len(names) >= 2 and len(set(names)) == len(names),
+            f"task classification needs label_names: at least 2 distinct names, got {c.label_names!r}",
+        )
+        _require(
+            c.label_words is None or (len(c.label_words) == len(names) and all(c.label_words)),
+            f"label_words must give one non-empty word per label name ({len(names)}), got {c.label_words!r}",
+        )
     _require(0.0 <= c.fedrot_lam <= 1.0, "fedrot_lam must be in [0, 1]")
     _require(
         c.subspace_reg_split in ("orthonormal", "paper_code"),

@@ -22,10 +22,10 @@ from transformers import PreTrainedTokenizerBase
 
 from fedsubspace.config import ExperimentConfig
 from fedsubspace.errors import UserError
-from fedsubspace.experiment import load_eval_split
+from fedsubspace.experiment import encode_split, load_eval_split
 from fedsubspace.export import RUN_CONFIG
 from fedsubspace.models import load_model, resolve_device
-from fedsubspace.scoring import Encoded, encode, evaluate
+from fedsubspace.scoring import Encoded, evaluate
 from fedsubspace.trained import factors_at_rank, load_base, open_run, read_config, rebuild
 
 
@@ -112,9 +112,7 @@ def check_choices(scored: ScoringModel, config: ExperimentConfig, encoded: Encod
     )
     trained = encoded
     if not same_data:
-        trained = encode(
-            load_eval_split(trained_with), scored.tokenizer, scored.kind, trained_with.max_length
-        )
+        trained = encode_split(trained_with, load_eval_split(trained_with), scored.tokenizer, scored.kind)
     if encoded.num_choices != trained.num_choices:
         raise UserError(
             f"the model was trained on {trained.num_choices}-way questions ({_describe(trained_with)}) but "
@@ -135,7 +133,7 @@ def evaluate_target(
     resolve_device(config.device)
     data = load_eval_split(config)
     scored = scoring_model(target, config, base=base, which=which, rank=rank)
-    encoded = encode(data, scored.tokenizer, scored.kind, config.max_length)
+    encoded = encode_split(config, data, scored.tokenizer, scored.kind)
     check_choices(scored, config, encoded)
     result = evaluate(
         scored.model,

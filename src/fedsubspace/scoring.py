@@ -1,8 +1,11 @@
-"""Tokenise multiple-choice questions once, batch them with minimal padding, and score choices.
+"""Tokenise examples once, batch them with minimal padding, and score each example's options.
 
-Encoders score each (context, ending) pair with their multiple-choice head. Causal LMs score
-an ending by the mean log-likelihood of its tokens given the context; by default the context
-runs once per question and the endings continue from its key/value cache.
+Every task is scored the same way: an example has ``num_choices`` options and gets one score per
+option, trained and evaluated by cross entropy over them. Multiple choice: encoders score each
+(context, ending) pair with their multiple-choice head. Classification: encoders run the example's one
+sequence through a sequence-classification head that gives a score per label. Causal LMs score an
+option (an ending, or a label's verbalizer word) by the mean log-likelihood of its tokens given the
+context; by default the context runs once per example and the options continue from its key/value cache.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ class Encoded:
 
     Encoder: ``input_ids[i][c]`` is the (context, ending c) pair with special tokens, and
     ``token_type_ids`` matches it when the tokenizer has segment ids. Causal: ``context_ids[i]``
-    and ``ending_ids[i][c]``, to be concatenated.
+    and ``ending_ids[i][c]``, to be concatenated. With ``sequence_head`` (encoder classification)
+    ``input_ids[i]`` holds the example's one sequence and the model's head scores the labels.
     """
 
     kind: str
@@ -40,6 +44,7 @@ class Encoded:
     token_type_ids: list[list[list[int]]] | None = None
     context_ids: list[list[int]] | None = None
     ending_ids: list[list[list[int]]] | None = None
+    sequence_head: bool = False
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -117,6 +122,73 @@ def encode(
     if kind == "causal":
         context_ids, ending_ids = _encode_continuations(tokenizer, contexts, choices, max_length)
         return Encoded(kind, labels, num_choices, pad, context_ids=context_ids, ending_ids=ending_ids)
+    raise UserError(f"unknown model kind {kind!r} (use encoder or causal)")
+
+
+def encode_classification(
+    dataset: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    kind: str,
+    max_length: int,
+    label_words: Sequence[str],
+) -> Encoded:
+    """Tokenise ``text``/``text_pair``/``label`` columns of a classification table.
+
+    Encoder: one sequence per example (the pair with special tokens), scored by a sequence-classification
+    head over ``len(label_words)`` labels. Causal: the text is the context and label ``k`` is scored by
+    the likelihood of ``label_words[k]`` continuing it, exactly as written (e.g. ``" positive"``).
+    """
+    columns = dataset.select_columns(["text", "text_pair", "label"])[:]
+    texts: list[str] = columns["text"]
+    pairs: list[str | None] = columns["text_pair"]
+    labels = [int(label) for label in columns["label"]]
+    num_labels = len(label_words)
+    if any(not 0 <= label < num_labels for label in labels):
+        raise UserError(f"labels must be in [0, {num_labels}) (the number of label words)")
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        raise UserError("the tokenizer has no pad token")
+    if kind == "encoder":
+        has_pairs = any(pair is not None for pair in pairs)
+        enc = tokenizer(
+            texts,
+            [pair or "" for pair in pairs] if has_pairs else None,
+            truncation=True,
+            max_length=max_length,
+        )
+        types = enc.get("token_type_ids")
+        return Encoded(
+            kind,
+            labels,
+            num_labels,
+            pad,
+            input_ids=[[ids] for ids in enc["input_ids"]],
+            token_type_ids=None if types is None else [[ids] for ids in types],
+            sequence_head=True,
+        )
+    if kind == "causal":
+        if max_length < 2:
+            raise UserError("max_length must be at least 2 for causal scoring")
+        # Trailing whitespace would double the space a label word starts with.
+        contexts = [
+            (text if pair is None else f"{text.rstrip()}\n{pair}").rstrip()
+            for text, pair in zip(texts, pairs, strict=True)
+        ]
+        prefix = _leading_special_ids(tokenizer)
+        context_ids = [prefix + ids for ids in tokenizer(contexts, add_special_tokens=False)["input_ids"]]
+        words = [
+            ids[: max_length - 1]
+            for ids in tokenizer(list(label_words), add_special_tokens=False)["input_ids"]
+        ]
+        if not all(words):
+            raise UserError("a label word tokenises to nothing; give each label a non-empty word")
+        budget = max_length - max(len(w) for w in words)
+        context_ids = [ids[-budget:] for ids in context_ids]  # keep the end, which the words continue
+        if any(not ctx for ctx in context_ids):
+            raise UserError("a text tokenises to nothing; drop empty texts")
+        return Encoded(
+            kind, labels, num_labels, pad, context_ids=context_ids, ending_ids=[words] * len(labels)
+        )
     raise UserError(f"unknown model kind {kind!r} (use encoder or causal)")
 
 
@@ -235,19 +307,21 @@ def _pad(rows: Sequence[Sequence[int]], value: int, *, left: bool = False) -> tu
 def collate(encoded: Encoded, indices: Sequence[int], device: torch.device | str) -> dict[str, Tensor]:
     """Tensors for the questions ``indices``, padded to this batch's longest sequence only.
 
-    Encoder: ``input_ids``/``attention_mask`` (and ``token_type_ids``) of shape (B, C, L).
-    Causal: ``context_ids``/``context_mask`` (B, Lc), left-padded so every context ends at the
-    same column, and ``ending_ids``/``ending_mask`` (B, C, Le), right-padded.
+    Encoder: ``input_ids``/``attention_mask`` (and ``token_type_ids``) of shape (B, C, L), or (B, L)
+    for a sequence head. Causal: ``context_ids``/``context_mask`` (B, Lc), left-padded so every
+    context ends at the same column, and ``ending_ids``/``ending_mask`` (B, C, Le), right-padded.
     """
     b, c = len(indices), encoded.num_choices
     batch: dict[str, Tensor] = {"labels": torch.tensor([encoded.labels[i] for i in indices])}
     if encoded.kind == "encoder":
         assert encoded.input_ids is not None
+        # A sequence head reads one sequence per example: the (B, L) shape it expects.
+        shape = (b, -1) if encoded.sequence_head else (b, c, -1)
         ids, mask = _pad([row for i in indices for row in encoded.input_ids[i]], encoded.pad_token_id)
-        batch["input_ids"], batch["attention_mask"] = ids.view(b, c, -1), mask.view(b, c, -1)
+        batch["input_ids"], batch["attention_mask"] = ids.view(shape), mask.view(shape)
         if encoded.token_type_ids is not None:
             types, _ = _pad([row for i in indices for row in encoded.token_type_ids[i]], 0)
-            batch["token_type_ids"] = types.view(b, c, -1)
+            batch["token_type_ids"] = types.view(shape)
     else:
         assert encoded.context_ids is not None and encoded.ending_ids is not None
         ctx, ctx_mask = _pad([encoded.context_ids[i] for i in indices], encoded.pad_token_id, left=True)
@@ -262,7 +336,8 @@ def choice_scores(
 ) -> Tensor:
     """Scores (B, C), higher is better, differentiable: train with cross entropy over choices.
 
-    Encoder: multiple-choice logits. Causal: mean log-likelihood of each ending's tokens given
+    Encoder: the head's logits (multiple choice: one per choice; sequence classification: one per
+    label). Causal: mean log-likelihood of each ending's tokens given
     the context. ``shared_context=False`` runs each context+ending row in full (the naive way,
     kept to measure the speed-up and to check the cached path against).
     """
@@ -395,7 +470,7 @@ def evaluate(
             autocast(device, autocast_dtype),
             tqdm(total=n, desc="eval", unit="q", disable=not progress, leave=False) as bar,
         ):
-            if kind == "encoder":
+            if kind == "encoder" and not encoded.sequence_head:
                 scores = _encoder_scores_by_sequence(model, encoded, batch_size, device, bar)
             else:
                 scores = _scores_by_question(model, encoded, kind, batch_size, device, bar, shared_context)

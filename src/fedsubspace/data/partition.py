@@ -139,7 +139,9 @@ def partition_stats(
     keys = _values(dataset, by)
     labels = np.asarray(_values(dataset, "label"), dtype=np.int64)
     num_choices = len(dataset[0]["choices"]) if "choices" in dataset.column_names else 0
-    num_labels = max(num_choices, int(labels.max()) + 1 if labels.size else 0)
+    label_feature = dataset.features["label"]
+    label_names = label_feature.names if isinstance(label_feature, datasets.ClassLabel) else None
+    num_labels = max(num_choices, len(label_names or ()), int(labels.max()) + 1 if labels.size else 0)
     clients = []
     for client, rows in enumerate(partitions):
         counts = Counter(keys[row] for row in rows)
@@ -161,5 +163,6 @@ def partition_stats(
         "by": by,
         "num_rows": sum(len(rows) for rows in partitions),
         "sizes": [len(rows) for rows in partitions],
+        "label_names": label_names,  # a classification task's labels (the histograms' order), else None
         "clients": clients,
     }

@@ -9,10 +9,13 @@ one standard error. Drawn on matplotlib's Agg canvas (files only, no display, no
 - basis overlap, update overlap, cancellation ratio and the round-delta diagnostics: the federated
   methods only (with one client the centralized reference has nothing to compare), band ``std /
   sqrt(k)`` over seeds; a diagnostic no run logged (runs older than it) gets no plot.
+- the partition: one bar per client, split by label, from a federated run's ``partition_stats.json``
+  (the split depends on the seed only, so the first seed's stands for the setup).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import Path
@@ -142,4 +145,36 @@ def plot_setup(out: Path, setup: str, runs: list[RunRecord], colours: dict[str, 
             _draw(ax, _per_round(group, key), 1, label, colours[label])
         names.append(f"{slug(setup)}-{key}.png")
         _save(fig, ax, out / names[-1], f"{setup}: {title}", title)
-    return names
+    partition = _plot_partition(out, setup, [run for group in federated.values() for run in group])
+    return names + partition
+
+
+def _plot_partition(out: Path, setup: str, runs: list[RunRecord]) -> list[str]:
+    """The label histogram of every client as stacked bars, or nothing when no run recorded one."""
+    found = sorted(
+        run.path / "partition_stats.json" for run in runs if (run.path / "partition_stats.json").is_file()
+    )
+    if not found:
+        return []
+    stats = json.loads(found[0].read_text())
+    if not stats.get("clients"):
+        return []
+    histograms = np.array([client["label_histogram"] for client in stats["clients"]], dtype=float)
+    names = stats.get("label_names") or [f"label {k}" for k in range(histograms.shape[1])]
+    fig, ax = _figure()
+    clients = np.arange(len(histograms))
+    bottom = np.zeros(len(histograms))
+    for k, name in enumerate(names):
+        ax.bar(clients, histograms[:, k], bottom=bottom, color=_PALETTE[k % len(_PALETTE)], label=name)
+        bottom += histograms[:, k]
+    alpha = f" alpha {stats['alpha']}" if stats.get("scheme") == "dirichlet" else ""
+    ax.set_title(
+        f"{setup}: examples per client by label ({stats.get('scheme')}{alpha}, {found[0].parent.name})"
+    )
+    ax.set_xlabel("client")
+    ax.set_ylabel("examples")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    name = f"{slug(setup)}-partition.png"
+    fig.savefig(out / name, bbox_inches="tight")
+    return [name]
