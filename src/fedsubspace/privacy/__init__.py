@@ -1,0 +1,1 @@
+"""Privacy mechanisms: DP-SGD on clients, client-level DP on the server, SecAgg+ on Flower."""
