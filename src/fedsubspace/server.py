@@ -21,6 +21,7 @@ from typing import Any
 from fedsubspace.diagnostics import round_diagnostics
 from fedsubspace.experiment import Experiment
 from fedsubspace.methods import ClientContext, Method
+from fedsubspace.privacy.run import RunPrivacy
 from fedsubspace.results import Memories, RunDirectory
 from fedsubspace.scoring import EvalResult, evaluate
 from fedsubspace.state import ClientUpdate, GlobalState
@@ -141,7 +142,9 @@ class RoundServer:
     """The global state and the results directory of one run, advanced one round at a time.
 
     ``progress`` is what a resumed run needs to carry on (initial, best accuracy and round), JSON-ready.
-    ``log`` receives the round lines and notices (None: silent).
+    ``log`` receives the round lines and notices (None: silent). ``privacy``: the run's client-level DP
+    (applied to the updates before the method aggregates them) and its accountants (their state travels
+    in ``progress``, so a resumed run goes on counting), or None.
     """
 
     def __init__(
@@ -153,9 +156,13 @@ class RoundServer:
         *,
         progress: dict[str, Any],
         log: Callable[[str], None] | None = None,
+        privacy: RunPrivacy | None = None,
     ) -> None:
         self.method, self.run_dir, self.state, self.num_rounds = method, run_dir, state, num_rounds
         self.progress = progress
+        self.privacy = privacy
+        if privacy is not None and "privacy" in progress:
+            privacy.accounts.load_state_dict(progress["privacy"])
         self.log = log or (lambda _: None)
         self.row: dict[str, Any] = {}
         self._pending: _Aggregated | None = None
@@ -176,13 +183,21 @@ class RoundServer:
         if updates:
             total = sum(u.num_examples for u in updates)
             weights = [u.num_examples / total for u in updates]
-            self.state = self.method.aggregate(self.state, updates, weights)
+            released = (updates, weights)
+            if self.privacy is not None:
+                released = self.privacy.to_aggregate(
+                    self.method, self.state, updates, weights, clients.round_index
+                )
+            self.state = self.method.aggregate(self.state, *released)
             aggregated = time.perf_counter()
             diagnostics = round_diagnostics(updates, weights, self.state)
         else:
             self.log(f"round {clients.round_index}: no usable client update; the global model is unchanged")
             self.state = self.state.next()
             aggregated = time.perf_counter()
+        if self.privacy is not None:  # a client whose update was refused has trained all the same
+            self.privacy.record([u.client_id for u in updates] + clients.skipped)
+            self.progress["privacy"] = self.privacy.accounts.state_dict()
         self._pending = _Aggregated(clients, diagnostics, aggregated, time.perf_counter())
         return self.state
 
@@ -210,6 +225,7 @@ class RoundServer:
             "aggregate_seconds": pending.aggregated - clients.trained,
             "diagnostics_seconds": pending.diagnosed - pending.aggregated,
             "eval_seconds": finished - pending.diagnosed,
+            **(self.privacy.metrics() if self.privacy is not None else {}),
         }
         self.run_dir.append_metrics(self.row)
         if result.accuracy > self.progress["best_accuracy"]:
@@ -236,6 +252,7 @@ class RoundServer:
             "eval_examples": initial.num_examples,
             "evaluation": "personalised" if self.method.personalised else "global",
             "client_ranks": exp.client_ranks,
+            **(self.privacy.summary() if self.privacy is not None else {}),
         }
         if self.progress["best_round"] == 0:
             self.run_dir.save_checkpoint("best", exp.initial_state)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from fedsubspace.config import ExperimentConfig
     from fedsubspace.experiment import Experiment
     from fedsubspace.methods import ClientContext, LocalSchedule, Method
+    from fedsubspace.privacy.dpsgd import ExampleLevelDP
     from fedsubspace.state import GlobalState
 
 MEMORY = "fedsubspace.memory"  # node state: the client's private tensors
@@ -46,6 +47,7 @@ class Session:
     exp: Experiment
     method: Method
     schedule: LocalSchedule
+    dp: ExampleLevelDP | None  # DP-SGD's settings, calibrated as the server calibrates them
 
 
 _sessions: dict[str, Session] = {}
@@ -55,13 +57,20 @@ def session(run_config: UserConfig) -> Session:
     """The experiment of a run config, built once per process."""
     from fedsubspace.experiment import local_schedule, method_options, prepare
     from fedsubspace.methods import get_method
+    from fedsubspace.privacy.run import RunPrivacy
 
     config = FlowerSettings.from_run_config(run_config).config
     key = json.dumps(config.to_dict(), sort_keys=True)
     if key not in _sessions:
         _sessions.clear()  # one run at a time: a new config releases the old model
+        exp = prepare(config)
+        privacy = RunPrivacy.of(config, [len(p) for p in exp.partitions])
         _sessions[key] = Session(
-            config, prepare(config), get_method(config.method, method_options(config)), local_schedule(config)
+            config,
+            exp,
+            get_method(config.method, method_options(config)),
+            local_schedule(config),
+            None if privacy is None else privacy.dp,
         )
     return _sessions[key]
 
@@ -154,6 +163,7 @@ def train(msg: Message, context: Context) -> Message:
         client_id=ctx.client_id,
         rank=ctx.rank,
         memory=ctx.memory,
+        dp=s.dp,
     )
     # the server refuses a non-finite update: the round must not leave its tensors in the memory either
     context.state[MEMORY] = to_record(ctx.memory if update.non_finite_tensor() is None else kept)

@@ -44,6 +44,7 @@ from fedsubspace.flower.payload import (
 )
 from fedsubspace.flower.settings import FlowerSettings, config_digest
 from fedsubspace.methods import ClientContext, Method, get_method
+from fedsubspace.privacy.run import RunPrivacy
 from fedsubspace.results import RunDirectory, claim
 from fedsubspace.scoring import EvalResult
 from fedsubspace.server import ClientResults, RoundServer, client_context, done_line, evaluate_model, pool
@@ -74,7 +75,13 @@ class SubspaceStrategy(FedAvg):
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=0)
         self.settings, self.exp, self.method, self.config = settings, exp, method, exp.config
         self.server = RoundServer(
-            method, run_dir, exp.initial_state, self.config.num_rounds, progress={}, log=info
+            method,
+            run_dir,
+            exp.initial_state,
+            self.config.num_rounds,
+            progress={},
+            log=info,
+            privacy=RunPrivacy.of(self.config, [len(p) for p in exp.partitions]),
         )
         self.merges = MergeHistory()
         self.nodes: dict[int, int] = {}  # node id -> client, in the order nodes were learnt (newest last)
