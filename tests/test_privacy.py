@@ -10,6 +10,7 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from test_flower import assert_same_rows, one_experiment_per_config, run_flower_in_process  # noqa: F401
 from test_methods import make_round
 from test_resume import assert_same_run, crash_after_round
 from test_simulation import FIXTURE, ROOT
@@ -309,3 +310,24 @@ def test_dp_sgd_with_a_client_smaller_than_one_step_is_refused_before_training(t
     ):
         simulation.run(config, tmp_path / "r", progress=False)
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+# --- Flower -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.usefixtures("one_experiment_per_config")
+@pytest.mark.parametrize(
+    ("method", "overrides"),
+    [("subspace_reg", DPSGD), ("fedsvd", [*DPSGD, "dp_client_clip=0.3", "dp_client_epsilon=20"])],
+)
+def test_dp_through_the_message_api_gives_the_in_process_numbers(tmp_path, method, overrides):
+    """The same seeded noise on the same clients: the Flower run is the in-process run, epsilons included."""
+    config = tiny("tiny-encoder", method, *overrides)
+    simulation.run(config, tmp_path / "in-process", progress=False)
+    run_flower_in_process(config, tmp_path / "flower")
+    flower, in_process = (read_metrics(tmp_path / name) for name in ("flower", "in-process"))
+    assert_same_rows(flower, in_process)
+    for f, p in zip(flower, in_process, strict=True):
+        assert f["dp_epsilon"] == p["dp_epsilon"] and f["dp_epsilon_max"] <= 6.0
+        assert f.get("dp_client_epsilon") == p.get("dp_client_epsilon")
