@@ -8,9 +8,17 @@ import math
 
 import pytest
 import torch
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.serde import message_from_proto, message_to_proto
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-from test_flower import assert_same_rows, one_experiment_per_config, run_flower_in_process  # noqa: F401
+from test_flower import (  # noqa: F401  (a fixture)
+    assert_same_rows,
+    capture_states,
+    one_experiment_per_config,
+    run_flower_in_process,
+)
 from test_methods import make_round
 from test_resume import assert_same_run, crash_after_round
 from test_simulation import FIXTURE, ROOT
@@ -20,6 +28,8 @@ from fedsubspace.cli import main
 from fedsubspace.config import load_config
 from fedsubspace.errors import UserError
 from fedsubspace.experiment import prepare
+from fedsubspace.flower import client_app, secagg, secagg_server
+from fedsubspace.flower.payload import from_record
 from fedsubspace.methods import METHODS, MethodOptions, get_method
 from fedsubspace.privacy.accounting import PrivacyAccounts, example_level_dp, rounds_taken_part
 from fedsubspace.privacy.client_dp import ClientLevelDP, clipped_change, noisy_mean_update
@@ -331,3 +341,97 @@ def test_dp_through_the_message_api_gives_the_in_process_numbers(tmp_path, metho
     for f, p in zip(flower, in_process, strict=True):
         assert f["dp_epsilon"] == p["dp_epsilon"] and f["dp_epsilon_max"] <= 6.0
         assert f.get("dp_client_epsilon") == p.get("dp_client_epsilon")
+
+
+# --- SecAgg+ -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.usefixtures("one_experiment_per_config")
+@pytest.mark.parametrize("method", ["fedavg", "fedsvd", "rolora", "fedsa"])
+def test_secagg_on_flower_gives_the_plain_aggregate_and_hides_each_upload(tmp_path, monkeypatch, method):
+    """Loopback (ServerApp and ClientApps in this process, every message through Flower's wire format,
+    Flower's SecAgg+ workflow and mod between them): the sum the server unmasks is the example-weighted
+    average of the clients' plain uploads within SecAgg+'s quantisation error every round, round 1's new
+    global model is the plain in-process run's within it, and what the server receives from one client
+    holds no array and a masked vector that is not that client's upload."""
+    plain_config, config = tiny("tiny-encoder", method), tiny("tiny-encoder", method, "secagg=true")
+    states = capture_states(monkeypatch, method)
+    simulation.run(plain_config, tmp_path / "plain", progress=False)
+    plain_round_one = states[0]
+    states.clear()
+
+    uploads: list[tuple[int, int, dict]] = []  # (round, examples, plain upload), as the clients made them
+    pooled: list[dict] = []  # what the server unmasked, each round
+    received = []  # each client's reply to the masked-vector stage, as the server received it
+    real_as_fitres, real_pooled = secagg.as_fitres, secagg_server.pooled_upload
+
+    def plain_upload(content):
+        examples = int(content["metrics"]["num-examples"])
+        uploads.append((len(pooled) + 1, examples, from_record(content["arrays"])))
+        return real_as_fitres(content)
+
+    def unmasked(keys, fitres):
+        pooled.append(real_pooled(keys, fitres))
+        return pooled[-1]
+
+    def intercept(message, reply):
+        stage = message.content.config_records.get(RECORD_KEY_CONFIGS, {}).get(Key.STAGE)
+        if stage == Stage.COLLECT_MASKED_VECTORS:
+            received.append(reply.content)
+        return reply
+
+    real_app = client_app.app  # a node gets its own copy of every message, as over the network
+
+    def over_the_wire(message, context):
+        return real_app(message_from_proto(message_to_proto(message)), context)
+
+    monkeypatch.setattr(client_app, "as_fitres", plain_upload)
+    monkeypatch.setattr(secagg_server, "pooled_upload", unmasked)
+    monkeypatch.setattr(client_app, "app", over_the_wire)
+    run_flower_in_process(config, tmp_path / "secagg", intercept=intercept)
+
+    level = 2 * secagg.CLIPPING_RANGE / secagg.QUANTIZATION_RANGE  # one quantisation step
+    max_weight = max(len(p) for p in prepare(config).partitions)  # what the server sets
+    assert [s.round for s in states] == [1, 2] and len(pooled) == 2 and len(uploads) == len(received) == 4
+    for round_index, unmasked_sum in enumerate(pooled, start=1):
+        mine = [(n, u) for r, n, u in uploads if r == round_index]
+        total = sum(n for n, _ in mine)
+        bound = len(mine) * level * max_weight / total  # secagg.py: one level per client, rescaled
+        for key, value in unmasked_sum.items():
+            exact = sum(n * u[key].double() for n, u in mine) / total
+            assert float((value.double() - exact).abs().max()) <= bound, (round_index, key)
+    # round 1 starts from the same state as the plain run: the new global updates B A agree within what
+    # the per-value bound on the uploaded factors allows (fedsvd's B A is its averaged B times A_g)
+    first = [n for r, n, _ in uploads if r == 1]
+    bound = len(first) * level * max_weight / sum(first)
+    for module, (B, A) in plain_round_one.factors.items():
+        ours = states[0].factors[module][0] @ states[0].factors[module][1]
+        spectral = torch.linalg.matrix_norm
+        allowed = bound * (
+            B.numel() ** 0.5 * spectral(A, 2) + A.numel() ** 0.5 * spectral(B, 2) + bound * B.numel()
+        )
+        assert float((ours - B @ A).norm()) <= 1.01 * float(allowed), module
+    for (_, _, upload), content in zip(uploads, received, strict=True):
+        assert all(len(record) == 0 for record in content.array_records.values())
+        vectors = content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+        masked = [bytes_to_ndarray(b) for b in vectors][1:]  # the first holds the weight
+        values = torch.cat([upload[k].flatten() for k in sorted(upload)]).double()
+        seen = torch.cat([torch.from_numpy(a.astype("float64")).flatten() for a in masked])
+        seen = seen * level - secagg.CLIPPING_RANGE  # what it would dequantise to, were it not masked
+        assert seen.shape == values.shape
+        assert float((seen - values).abs().mean()) > 1.0  # uniform masks: far from the upload (|values| < 1)
+    rows = read_metrics(tmp_path / "secagg")
+    assert all(row["basis_overlap"] is None for row in rows)  # no per-client diagnostics: none seen
+
+
+def test_secagg_refuses_what_it_cannot_honour_in_one_line(tmp_path, capsys):
+    argv = ["run", "--config", str(ROOT / "configs" / "tiny-encoder.yaml"), "--out", str(tmp_path / "r")]
+    for overrides, message in [
+        (["secagg=true", "method=fedavg", "dp_client_clip=1", "dp_client_epsilon=5"], "dp_client_clip with"),
+        (["secagg=true", "method=fedavg", "client_fraction=0.25"], "secagg needs at least 2 clients a round"),
+        (["secagg=true", "method=hetlora"], "'hetlora' cannot run under SecAgg+"),
+    ]:
+        assert main([*argv, *(a for o in [*FAST, *overrides] for a in ("--set", o))]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err

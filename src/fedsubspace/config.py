@@ -289,3 +289,12 @@ def validate_privacy(c: ExperimentConfig) -> None:
         not c.secagg or support.secagg.ok,
         f"method {c.method!r} cannot run under SecAgg+: {support.secagg.why}",
     )
+    _require(
+        not (c.secagg and c.dp_client_clip is not None),
+        "dp_client_clip with secagg: client-level DP clips each upload on the server, which SecAgg+ hides "
+        "from it; use one of them (DP-SGD combines with SecAgg+)",
+    )
+    _require(
+        not c.secagg or round(c.client_fraction * c.num_clients) >= 2,
+        "secagg needs at least 2 clients a round (client_fraction x num_clients): one client's sum is itself",
+    )

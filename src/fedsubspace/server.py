@@ -117,6 +117,8 @@ class ClientResults:
     ``skipped``: clients whose update the server refused (NaN or Inf, wrong shapes); ``missing``: clients
     that were selected but sent nothing (Flower: no node holds them, the node died or timed out).
     ``started`` and ``trained`` are ``time.perf_counter()`` stamps: the round's start, the last update.
+    ``pooled``: under SecAgg+, the clients whose weighted average ``updates`` holds as its one update (the
+    server never sees theirs, so no per-client diagnostics); None otherwise.
     """
 
     round_index: int
@@ -128,6 +130,7 @@ class ClientResults:
     trained: float
     skipped: list[int] = field(default_factory=list)
     missing: list[int] = field(default_factory=list)
+    pooled: list[int] | None = None
 
 
 @dataclass
@@ -190,13 +193,15 @@ class RoundServer:
                 )
             self.state = self.method.aggregate(self.state, *released)
             aggregated = time.perf_counter()
-            diagnostics = round_diagnostics(updates, weights, self.state)
+            if clients.pooled is None:
+                diagnostics = round_diagnostics(updates, weights, self.state)
         else:
             self.log(f"round {clients.round_index}: no usable client update; the global model is unchanged")
             self.state = self.state.next()
             aggregated = time.perf_counter()
         if self.privacy is not None:  # a client whose update was refused has trained all the same
-            self.privacy.record([u.client_id for u in updates] + clients.skipped)
+            pooled = clients.pooled if clients.pooled is not None else [u.client_id for u in updates]
+            self.privacy.record(pooled + clients.skipped)
             self.progress["privacy"] = self.privacy.accounts.state_dict()
         self._pending = _Aggregated(clients, diagnostics, aggregated, time.perf_counter())
         return self.state

@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedsubspace.errors import UserError
+from fedsubspace.flower.secagg import as_fitres, from_fitins, is_fitins, secagg_when_asked
 from fedsubspace.flower.settings import FlowerSettings, config_digest
 
 # Every message starts a new ClientApp process: the query that maps nodes to clients must not pay for
@@ -94,7 +95,7 @@ def residual_round(context: Context) -> int:
     return int(sync["residual-round"]) if sync is not None else 0  # type: ignore[arg-type]
 
 
-app = ClientApp()
+app = ClientApp(mods=[secagg_when_asked])
 
 
 @app.query()
@@ -112,7 +113,8 @@ def start_round(msg: Message, context: Context, s: Session) -> tuple[ClientConte
     from fedsubspace.flower.payload import apply_catch_up, from_record, to_record
     from fedsubspace.server import client_context
 
-    config = msg.content["config"]
+    content = from_fitins(msg.content) if is_fitins(msg.content) else msg.content  # SecAgg+ carries FitIns
+    config = content["config"]
     client, count = partition(context.node_config)
     if count != s.config.num_clients or client != config["partition-id"]:
         raise UserError(
@@ -126,8 +128,8 @@ def start_round(msg: Message, context: Context, s: Session) -> tuple[ClientConte
         )
     memory = from_record(context.state.array_records.get(MEMORY, ArrayRecord()))
     ctx = client_context(s.exp, {client: memory}, client, int(config["server-round"]))  # type: ignore[arg-type]
-    view = s.method.client_view(from_record(msg.content["arrays"]), s.exp.initial_state, ctx)
-    if "residual" in msg.content:
+    view = s.method.client_view(from_record(content["arrays"]), s.exp.initial_state, ctx)
+    if "residual" in content:
         since = residual_round(context)
         # a catch-up from an earlier round is fine (the server missed this node's last reply): the
         # rounds the node has already are skipped; one from a later round cannot be applied
@@ -136,7 +138,7 @@ def start_round(msg: Message, context: Context, s: Session) -> tuple[ClientConte
                 f"merged weights current with round {since}, catch-up from {config['residual-from']}"
             )
         held = from_record(context.state.array_records.get(RESIDUAL, ArrayRecord()))
-        residual = apply_catch_up(held, from_record(msg.content["residual"]), since)
+        residual = apply_catch_up(held, from_record(content["residual"]), since)
         context.state[RESIDUAL] = to_record(residual)
         context.state[SYNC] = ConfigRecord({"residual-round": view.round})
         view.residual = residual
@@ -180,7 +182,7 @@ def train(msg: Message, context: Context) -> Message:
             ),
         }
     )
-    return Message(content, reply_to=msg)
+    return Message(as_fitres(content) if is_fitins(msg.content) else content, reply_to=msg)
 
 
 @app.evaluate()

@@ -404,6 +404,12 @@ def serve(grid: Grid, settings: FlowerSettings, run_dir: RunDirectory) -> None:
     run_dir.write_json("partition_stats.json", exp.partition_stats)
     method = get_method(config.method, method_options(config))
     strategy = SubspaceStrategy(settings, exp, method, run_dir)
+    if config.secagg:
+        from fedsubspace.flower.secagg_server import serve_secagg
+
+        serve_secagg(grid, strategy)
+        info(done_line(strategy.server.finish(exp), settings.out))
+        return
     initial = flatten(exp.initial_state.factors, exp.initial_state.head, exp.initial_state.extras)
     strategy.start(
         grid=grid,
