@@ -201,7 +201,6 @@ def test_per_question_clipping_bounds_every_questions_gradient(preset, clip):
 def test_dp_sgd_noise_has_the_configured_scale():
     """Zero gradients, noise multiplier 2, clip 0.5, one window of 4 questions: the released gradient is
     noise of standard deviation 2 * 0.5 / 4 in every coordinate."""
-    param = torch.nn.Parameter(torch.zeros(20000))
     model = torch.nn.Linear(1, 20000, bias=False)
     model.weight = torch.nn.Parameter(torch.zeros(20000, 1))
     private = PrivateGradients(ExampleLevelDP(0.5, 2.0), model, [model.weight], 4, 1, 7)
@@ -210,7 +209,6 @@ def test_dp_sgd_noise_has_the_configured_scale():
     private.release()
     private.detach()
     assert float(model.weight.grad.std()) == pytest.approx(2 * 0.5 / 4, rel=0.03)
-    del param
 
 
 @pytest.mark.parametrize(

@@ -149,13 +149,14 @@ class PrivacyAccounts:
 
     def summary(self) -> dict[str, Any]:
         """What summary.json records: the settings, the largest epsilon spent and delta."""
+        spent = self.metrics()
         out: dict[str, Any] = {"dp_delta": self.delta}
         if self.dp is not None:
             out["dp_noise_multiplier"] = self.dp.noise_multiplier
-            out["dp_epsilon_max"] = self.metrics()["dp_epsilon_max"]
+            out["dp_epsilon_max"] = spent["dp_epsilon_max"]
         if self.client_dp is not None:
             out["dp_client_noise_multiplier"] = self.client_dp.noise_multiplier
-            out["dp_client_epsilon"] = self.metrics()["dp_client_epsilon"]
+            out["dp_client_epsilon"] = spent["dp_client_epsilon"]
         return out
 
     def state_dict(self) -> dict[str, Any]:
