@@ -28,8 +28,9 @@ from fedsubspace.placement import (
     to_server,
     update_to_server,
 )
+from fedsubspace.privacy.dpsgd import ExampleLevelDP, PrivateGradients
 from fedsubspace.scoring import Encoded, autocast, choice_scores, collate
-from fedsubspace.seeding import DATA_ORDER, DROPOUT, stream_seed
+from fedsubspace.seeding import DATA_ORDER, DP_NOISE, DROPOUT, stream_seed
 from fedsubspace.state import ClientUpdate, GlobalState
 
 Tensor = torch.Tensor
@@ -181,9 +182,11 @@ def train_client(
     client_id: int,
     rank: int | None = None,
     memory: dict[str, Tensor] | None = None,
+    dp: ExampleLevelDP | None = None,
 ) -> ClientUpdate:
     """One local round. ``rank`` is the client's LoRA rank (default: the global one); ``memory`` the
-    tensors it keeps privately between its rounds (default: none kept), updated in place.
+    tensors it keeps privately between its rounds (default: none kept), updated in place; ``dp`` DP-SGD's
+    settings (default: none: plain training).
 
     ``state`` and ``memory`` are the server's (CPU); the round works on copies placed on the model's
     device and dtype, and the update and memory come back as the server keeps them
@@ -204,6 +207,12 @@ def train_client(
 
     steps, window = schedule.max_local_steps, schedule.gradient_accumulation_steps
     losses: list[Tensor] = []  # kept on the device: reading one is a device synchronisation
+    private = None
+    if dp is not None:  # Opacus' hooks on the model until the round's end
+        noise = stream_seed(seed, DP_NOISE, round_index, client_id)
+        private = PrivateGradients(
+            dp, tm.model, plan.parameters, schedule.batch_size, encoded.num_choices, noise
+        )
     for optimizer in plan.optimizers:
         optimizer.zero_grad(set_to_none=True)
     for step in range(steps):
@@ -211,11 +220,17 @@ def train_client(
         window_size = min(window, steps - window_start)  # the last window may be shorter
         batch = collate(encoded, [next(order) for _ in range(schedule.batch_size)], tm.device)
         with autocast(tm.device, tm.autocast):
-            scores = choice_scores(tm.model, batch, tm.kind)
+            # DP-SGD needs each question's gradient in its own rows: no context cache shared by its endings
+            scores = choice_scores(tm.model, batch, tm.kind, shared_context=private is None)
         loss = nn.functional.cross_entropy(scores.float(), batch["labels"])
-        (loss / window_size).backward()
+        if private is None:
+            (loss / window_size).backward()
+        else:
+            private.backward(loss)
         losses.append(loss.detach())
         if step + 1 == window_start + window_size:
+            if private is not None:  # each question's gradient clipped, their sum noised: the window's
+                private.release()
             if plan.regularizer is not None:
                 plan.regularizer(tm.factors).backward()
             if schedule.max_grad_norm is not None:
@@ -224,6 +239,8 @@ def train_client(
                 optimizer.step()
             for optimizer in plan.optimizers:
                 optimizer.zero_grad(set_to_none=True)
+    if private is not None:
+        private.detach()
 
     update = ClientUpdate(
         client_id=client_id,

@@ -104,6 +104,19 @@ class ExperimentConfig:
     holdout_fraction: float = 0.2  # personalised methods (fedsa): share of each partition held out
     # live view of the run: tensorboard (event files under the results directory) or none
     tracker: str = "tensorboard"
+    # privacy (all off by default; README "Privacy"). DP-SGD on the clients: on with dp_max_grad_norm, the
+    # clip norm of one question's gradient, and either a noise multiplier or a target epsilon (per client,
+    # over all its rounds) that sets it before the run.
+    dp_max_grad_norm: float | None = None
+    dp_noise_multiplier: float | None = None
+    dp_epsilon: float | None = None
+    # Client-level DP (DP-FedAvg) on the server: on with dp_client_clip, the clip norm of a client's upload
+    # change, and either a noise multiplier or a target epsilon (the server's, over all rounds).
+    dp_client_clip: float | None = None
+    dp_client_noise_multiplier: float | None = None
+    dp_client_epsilon: float | None = None
+    dp_delta: float = 1e-5  # delta of every epsilon above
+    secagg: bool = False  # SecAgg+ on Flower: the server learns only the sum of the uploads
     # free-form label carried into results (e.g. the name of the paper setup)
     tags: list[str] = field(default_factory=list)
 
@@ -350,3 +363,46 @@ def validate(c: ExperimentConfig) -> None:
     for key in ("max_train_samples", "max_eval_samples"):
         value = getattr(c, key)
         _require(value is None or value >= 1, f"{key} must be at least 1 (or null for all)")
+    validate_privacy(c)
+
+
+def validate_privacy(c: ExperimentConfig) -> None:
+    """A privacy option is honoured or refused here: never a run that trains without it."""
+    from fedsubspace.methods import METHODS
+
+    for key in ("dp_max_grad_norm", "dp_noise_multiplier", "dp_epsilon", "dp_client_clip"):
+        value = getattr(c, key)
+        _require(value is None or value > 0, f"{key} must be positive (or null: off)")
+    for key in ("dp_client_noise_multiplier", "dp_client_epsilon"):
+        value = getattr(c, key)
+        _require(value is None or value > 0, f"{key} must be positive (or null: off)")
+    _require(0.0 < c.dp_delta < 1.0, "dp_delta must be in (0, 1)")
+    support = METHODS[c.method].privacy
+    for clip, noise, target, mechanism, can in (
+        ("dp_max_grad_norm", "dp_noise_multiplier", "dp_epsilon", "DP-SGD", support.dp_sgd),
+        (
+            "dp_client_clip",
+            "dp_client_noise_multiplier",
+            "dp_client_epsilon",
+            "client-level DP",
+            support.client_dp,
+        ),
+    ):
+        on = getattr(c, clip) is not None
+        given = [key for key in (noise, target) if getattr(c, key) is not None]
+        _require(on or not given, f"{given[0] if given else ''} needs {clip} (the clip norm of {mechanism})")
+        _require(not on or len(given) == 1, f"{mechanism} ({clip}) needs exactly one of {noise} or {target}")
+        _require(not on or can.ok, f"method {c.method!r} cannot run under {mechanism}: {can.why}")
+    _require(
+        not c.secagg or support.secagg.ok,
+        f"method {c.method!r} cannot run under SecAgg+: {support.secagg.why}",
+    )
+    _require(
+        not (c.secagg and c.dp_client_clip is not None),
+        "dp_client_clip with secagg: client-level DP clips each upload on the server, which SecAgg+ hides "
+        "from it; use one of them (DP-SGD combines with SecAgg+)",
+    )
+    _require(
+        not c.secagg or round(c.client_fraction * c.num_clients) >= 2,
+        "secagg needs at least 2 clients a round (client_fraction x num_clients): one client's sum is itself",
+    )

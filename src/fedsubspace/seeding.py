@@ -15,6 +15,8 @@ DROPOUT = 2  # (seed, DROPOUT, round, client): dropout masks during local traini
 HOLDOUT = 3  # (seed, HOLDOUT, client): the personalised-evaluation split of a client's partition
 REINIT = 4  # (seed, REINIT, round): adapters a server re-initialises (flora's fresh A)
 ADAPTERS = 5  # (seed, ADAPTERS, rank): the initial adapter of each client rank
+DP_NOISE = 6  # (seed, DP_NOISE, round, client): DP-SGD's Gaussian noise on a client
+CLIENT_DP_NOISE = 7  # (seed, CLIENT_DP_NOISE, round): client-level DP's noise on the server's sum
 
 
 def stream_seed(*parts: int) -> int:

@@ -23,6 +23,7 @@ from fedsubspace.errors import UserError
 from fedsubspace.experiment import Experiment
 from fedsubspace.methods import ClientContext, Method
 from fedsubspace.predictions import copy_predictions, write_predictions
+from fedsubspace.privacy.run import RunPrivacy
 from fedsubspace.results import SUMMARY, Memories, RunDirectory
 from fedsubspace.scoring import Encoded, EvalResult, ExamplePredictions, evaluate
 from fedsubspace.state import ClientUpdate, Factors, GlobalState
@@ -153,6 +154,8 @@ class ClientResults:
     ``missing``: clients that were selected but sent nothing (Flower: no node holds them, the node died
     or timed out).
     ``started`` and ``trained`` are ``time.perf_counter()`` stamps: the round's start, the last update.
+    ``pooled``: under SecAgg+, the clients whose weighted average ``updates`` holds as its one update (the
+    server never sees theirs, so no per-client diagnostics); None otherwise.
     """
 
     round_index: int
@@ -165,6 +168,7 @@ class ClientResults:
     skipped: list[int] = field(default_factory=list)
     withheld: list[int] = field(default_factory=list)
     missing: list[int] = field(default_factory=list)
+    pooled: list[int] | None = None
 
 
 @dataclass
@@ -179,7 +183,9 @@ class RoundServer:
     """The global state and the results directory of one run, advanced one round at a time.
 
     ``progress`` is what a resumed run needs to carry on (initial, best accuracy and round), JSON-ready.
-    ``log`` receives the round lines and notices (None: silent).
+    ``log`` receives the round lines and notices (None: silent). ``privacy``: the run's client-level DP
+    (applied to the updates before the method aggregates them) and its accountants (their state travels
+    in ``progress``, so a resumed run goes on counting), or None.
     """
 
     def __init__(
@@ -191,9 +197,13 @@ class RoundServer:
         *,
         progress: dict[str, Any],
         log: Callable[[str], None] | None = None,
+        privacy: RunPrivacy | None = None,
     ) -> None:
         self.method, self.run_dir, self.state, self.num_rounds = method, run_dir, state, num_rounds
         self.progress = progress
+        self.privacy = privacy
+        if privacy is not None and "privacy" in progress:
+            privacy.accounts.load_state_dict(progress["privacy"])
         self.log = log or (lambda _: None)
         self.row: dict[str, Any] = {}
         self._pending: _Aggregated | None = None
@@ -220,16 +230,28 @@ class RoundServer:
             total = sum(u.num_examples for u in updates)
             weights = [u.num_examples / total for u in updates]
             previous = self.state
-            self.state = self.method.aggregate(previous, updates, weights)
+            released = (updates, weights)
+            if self.privacy is not None:
+                released = self.privacy.to_aggregate(
+                    self.method, previous, updates, weights, clients.round_index
+                )
+            self.state = self.method.aggregate(previous, *released)
             aggregated = time.perf_counter()
-            diagnostics = round_diagnostics(updates, weights, self.state)
-            if not self.method.personalised:  # a personalised client starts from its private B: unknown here
-                starts = [round_start(self.method, previous, u) for u in updates]
-                diagnostics.update(round_delta_diagnostics(updates, starts, weights, previous, self.state))
+            if clients.pooled is None:  # under SecAgg+ the server holds no single client's update
+                diagnostics = round_diagnostics(updates, weights, self.state)
+                if not self.method.personalised:  # a personalised client starts from its private B
+                    starts = [round_start(self.method, previous, u) for u in updates]
+                    diagnostics.update(
+                        round_delta_diagnostics(updates, starts, weights, previous, self.state)
+                    )
         else:
             self.log(f"round {clients.round_index}: no usable client update; the global model is unchanged")
             self.state = self.state.next()
             aggregated = time.perf_counter()
+        if self.privacy is not None:  # a client whose update was refused has trained all the same
+            pooled = clients.pooled if clients.pooled is not None else [u.client_id for u in updates]
+            self.privacy.record(pooled + clients.skipped)
+            self.progress["privacy"] = self.privacy.accounts.state_dict()
         self._pending = _Aggregated(clients, diagnostics, aggregated, time.perf_counter())
         return self.state
 
@@ -257,6 +279,7 @@ class RoundServer:
             "aggregate_seconds": pending.aggregated - clients.trained,
             "diagnostics_seconds": pending.diagnosed - pending.aggregated,
             "eval_seconds": finished - pending.diagnosed,
+            **(self.privacy.metrics() if self.privacy is not None else {}),
         }
         self.run_dir.append_metrics(self.row)
         write_predictions(self.run_dir.path, "final", clients.round_index, result)
@@ -291,6 +314,7 @@ class RoundServer:
             "eval_examples": initial.num_examples,
             "evaluation": "personalised" if self.method.personalised else "global",
             "client_ranks": exp.client_ranks,
+            **(self.privacy.summary() if self.privacy is not None else {}),
         }
         if self.progress["best_round"] == 0:
             self.run_dir.save_checkpoint("best", exp.initial_state)

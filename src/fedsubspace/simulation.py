@@ -28,9 +28,11 @@ from tqdm.auto import tqdm
 
 from fedsubspace.client import train_client
 from fedsubspace.config import ExperimentConfig
+from fedsubspace.errors import UserError
 from fedsubspace.experiment import local_schedule, method_options, prepare, sample_clients
 from fedsubspace.methods import get_method
 from fedsubspace.predictions import write_predictions
+from fedsubspace.privacy.run import RunPrivacy
 from fedsubspace.results import PARTITION_STATS, Memories, ResumePoint, RunDirectory, claim
 from fedsubspace.server import ClientResults, RoundServer, client_context, evaluate_model
 from fedsubspace.state import GlobalState, MergeLedger, payload_bytes
@@ -61,6 +63,10 @@ def run(
     """Run ``config`` into the results directory ``out``; with ``resume``, continue the run there from
     its last completed round (a finished one is returned as it is). Returns the summary. A directory
     another process is running is refused (UserError)."""
+    if config.secagg:
+        raise UserError(
+            "secagg is for Flower (fedsubspace flower local): in-process, nothing travels to protect"
+        )
     with claim(out):
         return _run(config, out, overwrite=overwrite, resume=resume, progress=progress)
 
@@ -73,6 +79,7 @@ def _run(
     if run_dir.finished:
         return run_dir.read_summary()
     exp = prepare(config)
+    privacy = RunPrivacy.of(config, [len(p) for p in exp.partitions])  # refuses what it cannot honour
     run_dir.write_json(PARTITION_STATS, exp.partition_stats)
     tm, method, schedule = (
         exp.trainable,
@@ -99,6 +106,7 @@ def _run(
         config.num_rounds,
         progress=point.progress,
         log=tqdm.write if progress else None,
+        privacy=privacy,
     )
     rows = run_dir.read_metrics()
     server.row = rows[-1] if rows else {}
@@ -131,6 +139,7 @@ def _run(
                 client_id=client_id,
                 rank=ctx.rank,
                 memory=ctx.memory,
+                dp=None if privacy is None else privacy.dp,
             )
             bad = update.non_finite_tensor()
             if bad is not None:

@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedsubspace.errors import UserError
+from fedsubspace.flower.secagg import as_fitres, from_fitins, is_fitins, secagg_when_asked
 from fedsubspace.flower.settings import FlowerSettings, config_digest
 
 # Every message starts a new ClientApp process: the query that maps nodes to clients must not pay for
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from fedsubspace.config import ExperimentConfig
     from fedsubspace.experiment import Experiment
     from fedsubspace.methods import ClientContext, LocalSchedule, Method
+    from fedsubspace.privacy.dpsgd import ExampleLevelDP
     from fedsubspace.state import GlobalState
 
 MEMORY = "fedsubspace.memory"  # node state: the client's private tensors
@@ -46,6 +48,7 @@ class Session:
     exp: Experiment
     method: Method
     schedule: LocalSchedule
+    dp: ExampleLevelDP | None  # DP-SGD's settings, calibrated as the server calibrates them
 
 
 _sessions: dict[str, Session] = {}
@@ -55,13 +58,20 @@ def session(run_config: UserConfig) -> Session:
     """The experiment of a run config, built once per process."""
     from fedsubspace.experiment import local_schedule, method_options, prepare
     from fedsubspace.methods import get_method
+    from fedsubspace.privacy.run import RunPrivacy
 
     config = FlowerSettings.from_run_config(run_config).config
     key = json.dumps(config.to_dict(), sort_keys=True)
     if key not in _sessions:
         _sessions.clear()  # one run at a time: a new config releases the old model
+        exp = prepare(config)
+        privacy = RunPrivacy.of(config, [len(p) for p in exp.partitions])
         _sessions[key] = Session(
-            config, prepare(config), get_method(config.method, method_options(config)), local_schedule(config)
+            config,
+            exp,
+            get_method(config.method, method_options(config)),
+            local_schedule(config),
+            None if privacy is None else privacy.dp,
         )
     return _sessions[key]
 
@@ -85,7 +95,7 @@ def residual_round(context: Context) -> int:
     return int(sync["residual-round"]) if sync is not None else 0  # type: ignore[arg-type]
 
 
-app = ClientApp()
+app = ClientApp(mods=[secagg_when_asked])
 
 
 @app.query()
@@ -103,7 +113,8 @@ def start_round(msg: Message, context: Context, s: Session) -> tuple[ClientConte
     from fedsubspace.flower.payload import apply_catch_up, from_record, to_record
     from fedsubspace.server import client_context
 
-    config = msg.content["config"]
+    content = from_fitins(msg.content) if is_fitins(msg.content) else msg.content  # SecAgg+ carries FitIns
+    config = content["config"]
     client, count = partition(context.node_config)
     if count != s.config.num_clients or client != config["partition-id"]:
         raise UserError(
@@ -117,8 +128,8 @@ def start_round(msg: Message, context: Context, s: Session) -> tuple[ClientConte
         )
     memory = from_record(context.state.array_records.get(MEMORY, ArrayRecord()))
     ctx = client_context(s.exp, {client: memory}, client, int(config["server-round"]))  # type: ignore[arg-type]
-    view = s.method.client_view(from_record(msg.content["arrays"]), s.exp.initial_state, ctx)
-    if "residual" in msg.content:
+    view = s.method.client_view(from_record(content["arrays"]), s.exp.initial_state, ctx)
+    if "residual" in content:
         since = residual_round(context)
         # a catch-up from an earlier round is fine (the server missed this node's last reply): the
         # rounds the node has already are skipped; one from a later round cannot be applied
@@ -127,7 +138,7 @@ def start_round(msg: Message, context: Context, s: Session) -> tuple[ClientConte
                 f"merged weights current with round {since}, catch-up from {config['residual-from']}"
             )
         held = from_record(context.state.array_records.get(RESIDUAL, ArrayRecord()))
-        residual = apply_catch_up(held, from_record(msg.content["residual"]), since)
+        residual = apply_catch_up(held, from_record(content["residual"]), since)
         context.state[RESIDUAL] = to_record(residual)
         context.state[SYNC] = ConfigRecord({"residual-round": view.round})
         view.residual = residual
@@ -154,6 +165,7 @@ def train(msg: Message, context: Context) -> Message:
         client_id=ctx.client_id,
         rank=ctx.rank,
         memory=ctx.memory,
+        dp=s.dp,
     )
     # the server refuses a non-finite update: the round must not leave its tensors in the memory either
     context.state[MEMORY] = to_record(ctx.memory if update.non_finite_tensor() is None else kept)
@@ -170,7 +182,7 @@ def train(msg: Message, context: Context) -> Message:
             ),
         }
     )
-    return Message(content, reply_to=msg)
+    return Message(as_fitres(content) if is_fitins(msg.content) else content, reply_to=msg)
 
 
 @app.evaluate()

@@ -45,6 +45,7 @@ from fedsubspace.flower.payload import (
 from fedsubspace.flower.settings import FlowerSettings, config_digest
 from fedsubspace.methods import ClientContext, Method, get_method
 from fedsubspace.predictions import write_predictions
+from fedsubspace.privacy.run import RunPrivacy
 from fedsubspace.results import FLOWER, PARTITION_STATS, RunDirectory, claim
 from fedsubspace.scoring import EvalResult
 from fedsubspace.server import ClientResults, RoundServer, client_context, done_line, evaluate_model, pool
@@ -75,7 +76,13 @@ class SubspaceStrategy(FedAvg):
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=0)
         self.settings, self.exp, self.method, self.config = settings, exp, method, exp.config
         self.server = RoundServer(
-            method, run_dir, exp.initial_state, self.config.num_rounds, progress={}, log=info
+            method,
+            run_dir,
+            exp.initial_state,
+            self.config.num_rounds,
+            progress={},
+            log=info,
+            privacy=RunPrivacy.of(self.config, [len(p) for p in exp.partitions]),
         )
         self.merges = MergeHistory()
         self.nodes: dict[int, int] = {}  # node id -> client, in the order nodes were learnt (newest last)
@@ -400,6 +407,12 @@ def serve(grid: Grid, settings: FlowerSettings, run_dir: RunDirectory) -> None:
     run_dir.write_json(PARTITION_STATS, exp.partition_stats)
     method = get_method(config.method, method_options(config))
     strategy = SubspaceStrategy(settings, exp, method, run_dir)
+    if config.secagg:
+        from fedsubspace.flower.secagg_server import serve_secagg
+
+        serve_secagg(grid, strategy)
+        info(done_line(strategy.server.finish(exp), settings.out))
+        return
     initial = flatten(exp.initial_state.factors, exp.initial_state.head, exp.initial_state.extras)
     strategy.start(
         grid=grid,

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fedsubspace import lowrank
+from fedsubspace.methods.privacy import PrivacySupport
 from fedsubspace.state import ClientUpdate, Factors, GlobalState, flatten
 
 Tensor = torch.Tensor
@@ -115,6 +116,8 @@ class Method(ABC):
     merges_into_base: ClassVar[bool] = False
     # Whether each client keeps its own model (evaluated on its own held-out data) instead of a global one.
     personalised: ClassVar[bool] = False
+    # Which privacy mechanisms the method's client and server rule can honour, and why (methods/privacy.py).
+    privacy: ClassVar[PrivacySupport]
 
     def __init__(self, options: MethodOptions) -> None:
         self.options = options

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from fedsubspace.methods.base import Method, register
 from fedsubspace.methods.common import average_factors, average_heads
+from fedsubspace.methods.privacy import summed_upload
 from fedsubspace.state import ClientUpdate, GlobalState
 
 
 @register
 class FedAvg(Method):
     name = "fedavg"
+    privacy = summed_upload("factors and head")
 
     def aggregate(self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]) -> GlobalState:
         factors = {module: average_factors(updates, weights, module) for module in state.factors}

@@ -13,12 +13,14 @@ import torch
 
 from fedsubspace.methods.base import Method, register
 from fedsubspace.methods.common import average_factors, average_heads, exact_sum, merged_residual
+from fedsubspace.methods.privacy import individual_uploads
 from fedsubspace.state import ClientUpdate, GlobalState
 
 
 @register
 class FedEx(Method):
     name = "fedex"
+    privacy = individual_uploads("merges each client's product B_i A_i into W0")
     merges_into_base = True
 
     def aggregate(self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]) -> GlobalState:

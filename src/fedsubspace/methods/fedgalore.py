@@ -51,6 +51,7 @@ from fedsubspace.methods.base import (
     register,
 )
 from fedsubspace.methods.common import average_heads, exact_sum, merged_residual
+from fedsubspace.methods.privacy import Support, individual_uploads
 from fedsubspace.state import ClientUpdate, Factors, GlobalState
 
 Tensor = torch.Tensor
@@ -145,6 +146,14 @@ def _phi_key(module: str) -> str:
 @register
 class FedGaLore(TruncatingReadout, Method):
     name = "fedgalore"
+    privacy = individual_uploads(
+        "merges each client's product P_i N_i and reads each client's second moment V_i",
+        dp_sgd=Support(
+            True,
+            "clients train the weights by projected Adam steps: the full weight gradient is clipped and "
+            "noised (m x n noise, not r(m + n)); projector and moments are computed from it afterwards",
+        ),
+    )
     trains = frozenset()
     heterogeneous_ranks = True
     merges_into_base = True

@@ -21,6 +21,7 @@ import torch
 from fedsubspace import lowrank
 from fedsubspace.methods.base import Method, register
 from fedsubspace.methods.common import average_heads, weighted_sum
+from fedsubspace.methods.privacy import individual_uploads
 from fedsubspace.state import ClientUpdate, GlobalState
 
 Tensor = torch.Tensor
@@ -29,6 +30,7 @@ Tensor = torch.Tensor
 @register
 class FedRot(Method):
     name = "fedrot"
+    privacy = individual_uploads("rotates each client's factors by its own R_i before averaging")
 
     def aligned_factor(self, round_index: int) -> str | None:
         """Which factor round ``round_index`` (1-based) aligns: "A", "B" or None."""

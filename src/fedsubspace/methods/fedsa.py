@@ -22,6 +22,7 @@ from fedsubspace.methods.base import (
     register,
 )
 from fedsubspace.methods.common import weighted_sum
+from fedsubspace.methods.privacy import summed_upload
 from fedsubspace.state import ClientUpdate, GlobalState
 
 Tensor = torch.Tensor
@@ -30,6 +31,7 @@ Tensor = torch.Tensor
 @register
 class FedSA(Method):
     name = "fedsa"
+    privacy = summed_upload("A")
     personalised = True
 
     def client_start(self, state: GlobalState, ctx: ClientContext) -> ClientStart:

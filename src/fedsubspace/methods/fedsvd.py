@@ -14,12 +14,14 @@ from __future__ import annotations
 from fedsubspace import lowrank
 from fedsubspace.methods.base import Method, register
 from fedsubspace.methods.common import average_heads, weighted_sum
+from fedsubspace.methods.privacy import summed_upload
 from fedsubspace.state import ClientUpdate, GlobalState
 
 
 @register
 class FedSVD(Method):
     name = "fedsvd"
+    privacy = summed_upload("B and head (the SVD re-factorises the sum)")
     trains = frozenset({"B"})
 
     def aggregate(self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]) -> GlobalState:

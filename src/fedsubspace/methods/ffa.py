@@ -11,6 +11,7 @@ import torch
 
 from fedsubspace.methods.base import ClientContext, Method, register
 from fedsubspace.methods.common import average_heads, weighted_sum
+from fedsubspace.methods.privacy import summed_upload
 from fedsubspace.state import ClientUpdate, GlobalState
 
 Tensor = torch.Tensor
@@ -19,6 +20,7 @@ Tensor = torch.Tensor
 @register
 class FFA(Method):
     name = "ffa"
+    privacy = summed_upload("B and head (A is shared and fixed)")
     trains = frozenset({"B"})
 
     def downlink(self, state: GlobalState, ctx: ClientContext) -> dict[str, Tensor]:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from fedsubspace.methods.base import Method, TruncatingReadout, register
 from fedsubspace.methods.common import svd_refactorise
+from fedsubspace.methods.privacy import individual_uploads
 from fedsubspace.state import ClientUpdate, GlobalState
 
 
 @register
 class FlexLoRA(TruncatingReadout, Method):
     name = "flexlora"
+    privacy = individual_uploads("needs each client's product s_i B_i A_i (the exact average of products)")
     heterogeneous_ranks = True
 
     def aggregate(self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]) -> GlobalState:

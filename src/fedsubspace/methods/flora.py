@@ -18,6 +18,7 @@ import torch
 
 from fedsubspace.methods.base import ClientContext, Method, TruncatingReadout, register
 from fedsubspace.methods.common import average_heads, exact_sum, merged_residual
+from fedsubspace.methods.privacy import individual_uploads
 from fedsubspace.seeding import REINIT, stream_seed
 from fedsubspace.state import ClientUpdate, Factors, GlobalState
 
@@ -28,6 +29,7 @@ DRAWN = "flora/drawn"  # extras: the round whose fresh adapter the state holds (
 @register
 class FLoRA(TruncatingReadout, Method):
     name = "flora"
+    privacy = individual_uploads("stacks each client's factors to merge the exact sum of products")
     heterogeneous_ranks = True
     merges_into_base = True
 

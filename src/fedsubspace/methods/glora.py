@@ -28,6 +28,7 @@ import torch
 from fedsubspace import lowrank
 from fedsubspace.methods.base import Method, register, truncated_readout
 from fedsubspace.methods.common import average_heads, exact_sum
+from fedsubspace.methods.privacy import individual_uploads
 from fedsubspace.state import ClientUpdate, Factors, GlobalState
 
 Tensor = torch.Tensor
@@ -40,6 +41,7 @@ def _keys(module: str) -> tuple[str, str]:
 @register
 class GLoRA(Method):
     name = "glora"
+    privacy = individual_uploads("needs each client's column space orth(B_i)")
     heterogeneous_ranks = True
 
     def server_rank(self, client_ranks: list[int]) -> int:

@@ -12,12 +12,14 @@ from __future__ import annotations
 from fedsubspace import lowrank
 from fedsubspace.methods.base import Method, TruncatingReadout, register
 from fedsubspace.methods.common import average_heads, weighted_sum
+from fedsubspace.methods.privacy import individual_uploads
 from fedsubspace.state import ClientUpdate, GlobalState
 
 
 @register
 class HetLoRA(TruncatingReadout, Method):
     name = "hetlora"
+    privacy = individual_uploads("zero-pads each client's factors of its own rank to the global rank")
     heterogeneous_ranks = True
 
     def aggregate(self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]) -> GlobalState:

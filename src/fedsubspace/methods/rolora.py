@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from fedsubspace.methods.base import Method, register
 from fedsubspace.methods.common import average_heads, weighted_sum
+from fedsubspace.methods.privacy import summed_upload
 from fedsubspace.state import ClientUpdate, GlobalState
 
 
 @register
 class RoLoRA(Method):
     name = "rolora"
+    privacy = summed_upload("trained factor and head")
 
     def trains_in(self, round_index: int) -> frozenset[str]:
         return frozenset({"B"}) if round_index % 2 == 1 else frozenset({"A"})

@@ -23,6 +23,7 @@ import torch
 from fedsubspace import lowrank
 from fedsubspace.methods.base import Method, MethodOptions, Regularizer, register
 from fedsubspace.methods.common import svd_refactorise
+from fedsubspace.methods.privacy import Support, individual_uploads
 from fedsubspace.state import ClientUpdate, GlobalState
 
 Tensor = torch.Tensor
@@ -71,6 +72,14 @@ class SubspaceRegularizer:
 @register
 class SubspaceReg(Method):
     name = "subspace_reg"
+    privacy = individual_uploads(
+        "needs each client's product s B_i A_i (the exact average of products)",
+        dp_sgd=Support(
+            True,
+            "clients train by AdamW steps; the regulariser reads no example, so its gradient is added "
+            "after clipping and noise and costs no privacy",
+        ),
+    )
 
     def client_regularizer(self, state: GlobalState) -> Regularizer:
         return SubspaceRegularizer(state, self.options)

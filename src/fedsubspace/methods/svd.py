@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from fedsubspace.methods.base import Method, register
 from fedsubspace.methods.common import svd_refactorise
+from fedsubspace.methods.privacy import individual_uploads
 from fedsubspace.state import ClientUpdate, GlobalState
 
 
 @register
 class SVD(Method):
     name = "svd"
+    privacy = individual_uploads("needs each client's product s B_i A_i (the exact average of products)")
 
     def aggregate(self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]) -> GlobalState:
         o = self.options
