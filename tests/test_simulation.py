@@ -157,7 +157,7 @@ def test_a_config_names_its_data_relative_to_its_own_folder(tmp_path, monkeypatc
     # the repository's configs, from its root, resolve to what runs wrote before (so --resume compares equal)
     monkeypatch.chdir(ROOT)
     assert load_config(Path("configs/tiny-encoder.yaml")).dataset == "tests/fixtures/hellaswag"
-    assert load_config(Path("configs/cpu/minilm-l6-hellaswag.yaml")).dataset == "hellaswag"  # a registered name
+    assert load_config(Path("configs/cpu/minilm-l6-hellaswag.yaml")).dataset == "hellaswag"  # registered
     simulation.run(load_config(folder / "config.yaml", ["num_rounds=1"]), tmp_path / "run", progress=False)
     assert [r["round"] for r in read_metrics(tmp_path / "run")] == [1]
 
