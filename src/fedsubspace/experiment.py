@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedsubspace.client import Adapter, TrainableModel
 from fedsubspace.config import ExperimentConfig, client_ranks
-from fedsubspace.data import check_same_choices, partition_indices, partition_stats
+from fedsubspace.data import partition_indices, partition_stats
 from fedsubspace.errors import UserError
 from fedsubspace.methods import METHODS, LocalSchedule, MethodOptions
 from fedsubspace.models import (
@@ -177,8 +177,7 @@ def prepare(config: ExperimentConfig) -> Experiment:
     task = TASKS[config.task]
     train = task.load(config, config.train_split, config.max_train_samples, config.seed)
     evaluation = load_eval_split(config)
-    if config.task == "multiple_choice":  # a label set is the config's, so only questions can differ
-        check_same_choices(train, evaluation, config.dataset)
+    task.check_splits(train, evaluation, config)
     partitions = partition_indices(
         train,
         config.num_clients,

@@ -18,6 +18,7 @@ from fedsubspace.config import ExperimentConfig
 from fedsubspace.data import (
     ClassificationFields,
     FieldMap,
+    check_same_choices,
     load_classification,
     load_multiple_choice,
 )
@@ -32,6 +33,8 @@ class TaskType:
     # (table, tokenizer, model kind, config) -> token ids of every example
     encode: Callable[[datasets.Dataset, PreTrainedTokenizerBase, str, ExperimentConfig], Encoded]
     encoder_head: Callable[[ExperimentConfig], EncoderHead]
+    # (train table, evaluation table, config) -> refuse splits the model cannot be trained and scored on
+    check_splits: Callable[[datasets.Dataset, datasets.Dataset, ExperimentConfig], None]
 
 
 def _partition_key(config: ExperimentConfig) -> str | None:
@@ -86,6 +89,7 @@ TASKS: dict[str, TaskType] = {
         load=_load_multiple_choice,
         encode=_encode_multiple_choice,
         encoder_head=lambda config: EncoderHead(),
+        check_splits=lambda train, evaluation, config: check_same_choices(train, evaluation, config.dataset),
     ),
     "classification": TaskType(
         load=_load_classification,
@@ -93,5 +97,7 @@ TASKS: dict[str, TaskType] = {
         encoder_head=lambda config: EncoderHead(
             AutoModelForSequenceClassification, len(config.label_names or ())
         ),
+        # both splits' labels are checked against the config's label_names as they load
+        check_splits=lambda train, evaluation, config: None,
     ),
 }
