@@ -44,7 +44,10 @@ DPSGD = ["dp_max_grad_norm=1.0", "dp_epsilon=6"]
 
 
 def tiny(preset: str, method: str, *overrides: str):
-    return load_config(ROOT / "configs" / f"{preset}.yaml", [*FAST, *overrides], method=method)
+    """A tiny config; the multiple-choice presets on the HellaSwag fixture, the ``*-sst2`` ones on
+    their own classification fixture."""
+    fast = FAST[1:] if preset.endswith("-sst2") else FAST
+    return load_config(ROOT / "configs" / f"{preset}.yaml", [*fast, *overrides], method=method)
 
 
 def test_readme_holds_the_table_the_declarations_render():
@@ -158,7 +161,7 @@ def question_gradients(tm, encoded, questions: list[int], params) -> list[torch.
     return grads
 
 
-@pytest.mark.parametrize("preset", ["tiny-encoder", "tiny-causal"])
+@pytest.mark.parametrize("preset", ["tiny-encoder", "tiny-causal", "tiny-encoder-sst2", "tiny-causal-sst2"])
 @pytest.mark.parametrize("clip", [1e-3, 0.05, 100.0])
 def test_per_question_clipping_bounds_every_questions_gradient(preset, clip):
     """No noise: what a window releases is the mean of each question's gradient clipped to ``clip``
@@ -182,7 +185,7 @@ def test_per_question_clipping_bounds_every_questions_gradient(preset, clip):
         p.requires_grad_(True)
     questions = [[0, 1], [2, 3]]  # two micro-batches of two questions: one window
     truth = question_gradients(tm, exp.train, [q for batch in questions for q in batch], params)
-    private = PrivateGradients(ExampleLevelDP(clip, 0.0), tm.model, params, 2, exp.train.num_choices, 0)
+    private = PrivateGradients(ExampleLevelDP(clip, 0.0), tm.model, params, 2, exp.train.rows_per_example, 0)
     for batch_questions in questions:
         batch = collate(exp.train, batch_questions, tm.device)
         loss = torch.nn.functional.cross_entropy(
@@ -214,7 +217,7 @@ def test_dp_sgd_noise_has_the_configured_scale():
 @pytest.mark.parametrize(
     ("preset", "method"),
     [("tiny-encoder", "fedavg"), ("tiny-encoder", "subspace_reg"), ("tiny-causal", "fedsvd"),
-     ("tiny-encoder", "fedgalore")],
+     ("tiny-encoder", "fedgalore"), ("tiny-encoder-sst2", "fedsvd"), ("tiny-causal-sst2", "ffa")],
 )  # fmt: skip
 def test_a_dp_sgd_run_records_each_clients_epsilon_and_the_largest(tmp_path, preset, method):
     config = tiny(preset, method, *DPSGD)

@@ -49,6 +49,13 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def rows_per_example(self) -> int:
+        """Rows the model scores for one example: one sequence under a sequence head, one per choice
+        otherwise (encoders score (B, C, L) as B * C sequences; causal models without the shared context
+        cache run one context+ending row per choice)."""
+        return 1 if self.sequence_head else self.num_choices
+
 
 @dataclass(frozen=True)
 class ExamplePredictions:

@@ -11,9 +11,10 @@ parameters together, so one clipping norm bounds the example's whole contributio
 ``noise_multiplier * max_grad_norm`` is added, and the sum is divided by the window's number of
 examples. The method's optimisers then step on that gradient as they would on a plain one.
 
-One example is one multiple-choice question. Opacus' hooks give one gradient per row of every layer's
-input, and a question is ``num_choices`` consecutive rows (encoders score (B, C, L) as B * C sequences),
-so the rows of each question are summed into its gradient. Causal models are scored without the shared
+One example is one multiple-choice question or one sentence to classify. Opacus' hooks give one gradient
+per row of every layer's input, and an example is ``rows_per_example`` consecutive rows (a question's
+``num_choices`` rows: encoders score (B, C, L) as B * C sequences; one row under a sequence head), so the
+rows of each example are summed into its gradient. Causal models are scored without the shared
 context cache under DP-SGD: the cached path runs a question's context once (B rows) and its endings
 from it (B * C rows), and the hooks would add the context pass's per-row gradients into the wrong rows
 (measured on tiny-causal: per-question gradients 32-44% off the true ones; the uncached path agrees to
@@ -72,10 +73,10 @@ class PrivateGradients:
         model: nn.Module,
         parameters: Sequence[nn.Parameter],
         batch_size: int,
-        num_choices: int,
+        rows_per_example: int,
         noise_seed: int,
     ) -> None:
-        self.batch_size, self.num_choices = batch_size, num_choices
+        self.batch_size, self.rows_per_example = batch_size, rows_per_example
         self.parameters = list(parameters)
         self.hooks = GradSampleHooks(model, loss_reduction="sum")
         # Opacus' DPOptimizer clips and noises the gradients of the parameters its optimiser holds; this
@@ -96,7 +97,7 @@ class PrivateGradients:
             (loss * self.batch_size).backward()  # the sum over questions: each row holds its own gradient
         for p in self.parameters:
             latest = p.grad_sample[-1] if isinstance(p.grad_sample, list) else p.grad_sample
-            questions = latest.reshape(self.batch_size, self.num_choices, *latest.shape[1:]).sum(1)
+            questions = latest.reshape(self.batch_size, self.rows_per_example, *latest.shape[1:]).sum(1)
             if isinstance(p.grad_sample, list):
                 p.grad_sample[-1] = questions
             else:
