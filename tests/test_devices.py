@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from fedsubspace import placement
-from fedsubspace.client import TrainableModel, train_client
+from fedsubspace.client import TrainableModel, client_context, run_round
 from fedsubspace.experiment import local_schedule, method_options, prepare
 from fedsubspace.methods import METHODS, get_method
 from fedsubspace.state import ClientUpdate
@@ -114,10 +114,10 @@ def test_client_round_never_mixes_devices(method: str, monkeypatch: pytest.Monke
     memories: dict[int, dict[str, Tensor]] = {0: {}, 1: {}}
 
     def client_round(state, round_index: int, client_id: int) -> ClientUpdate:  # type: ignore[no-untyped-def]
-        seeded = {"seed": config.seed, "round_index": round_index, "client_id": client_id}
-        rank, memory = exp.client_ranks[client_id], memories[client_id]
-        data = exp.partitions[client_id]
-        return train_client(tm, rule, state, exp.train, data, schedule, rank=rank, memory=memory, **seeded)
+        ctx = client_context(exp, client_id, round_index, memories[client_id])
+        result = run_round(exp, rule, schedule, state, ctx)
+        memories[client_id] = result.memory
+        return result.update
 
     updates = [client_round(exp.initial_state, 1, client) for client in (0, 1)]
     total = sum(u.num_examples for u in updates)

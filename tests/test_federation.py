@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_simulation import FIXTURE, METRIC_KEYS, ROOT
 
+from fedsubspace import client as client_module
 from fedsubspace import simulation
 from fedsubspace.cli import main
 from fedsubspace.config import build_config, client_ranks, load_config
@@ -196,18 +197,21 @@ def test_new_method_options_are_validated(key, value, message):
 
 
 def test_a_skipped_client_keeps_no_memory_from_its_discarded_round(tmp_path, monkeypatch, capsys):
-    real = simulation.train_client
+    real = client_module.train_client
     config = tiny("tiny-encoder", "fedsa")
     victim = sample_clients(config.seed, 1, config.num_clients, config.client_fraction)[0]
 
     def poisoned(*args, **kwargs):
-        update = real(*args, **kwargs)
-        if kwargs["client_id"] == victim and kwargs["round_index"] == 1:
+        update, memory = real(*args, **kwargs)
+        *_, ctx = args
+        if ctx.client_id == victim and ctx.round_index == 1:
             B, _ = next(iter(update.factors.values()))
-            B[0, 0] = float("nan")  # also the tensor fedsa just stored in the client's memory
-        return update
+            B[0, 0] = float("nan")
+            for tensor in memory.values():  # fedsa's B and head, kept for the client's next round
+                tensor.view(-1)[0] = float("nan")
+        return update, memory
 
-    monkeypatch.setattr(simulation, "train_client", poisoned)
+    monkeypatch.setattr(client_module, "train_client", poisoned)
     simulation.run(config, tmp_path, progress=False)
     rows = read_metrics(tmp_path)
     assert victim in rows[0]["skipped_clients"]

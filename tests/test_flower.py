@@ -32,7 +32,6 @@ from fedsubspace.experiment import sample_clients
 from fedsubspace.flower import client_app, server_app
 from fedsubspace.flower.local import LocalFederation
 from fedsubspace.flower.payload import (
-    MergeHistory,
     apply_catch_up,
     check_upload,
     content_bytes,
@@ -45,7 +44,7 @@ from fedsubspace.methods import METHODS, MethodOptions, get_method
 from fedsubspace.methods.base import ClientStart
 from fedsubspace.methods.common import merged_residual
 from fedsubspace.results import RunBusy, read_metrics
-from fedsubspace.state import GlobalState, flatten, load_state, payload_bytes
+from fedsubspace.state import GlobalState, MergeHistory, flatten, load_state, payload_bytes
 
 CONFIG = ROOT / "configs" / "tiny-encoder.yaml"
 FAST = [f"dataset={FIXTURE}", "max_eval_samples=16", "max_local_steps=2"]
@@ -383,6 +382,8 @@ def test_a_node_catches_up_with_the_merged_weights_exactly_whichever_form_travel
         server.append(state.residual)
     for since in range(5):
         payload = history.catch_up(since, state)
+        history.synced[0] = since  # the in-process runner counts what the Flower server ships
+        assert history.catch_up_bytes(0, state) == payload_bytes(payload) and history.synced[0] == 4
         assert {k.split("/")[0] for k in payload if k.endswith("thin")} <= {"dense"}
         if since < 4:
             assert any(k.startswith("merge/") and k.endswith("wide") for k in payload)

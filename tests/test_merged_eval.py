@@ -8,9 +8,9 @@ import torch
 from peft.tuners.lora import LoraLayer
 from test_federation import tiny
 
+from fedsubspace.client import evaluate_loaded
 from fedsubspace.experiment import prepare
 from fedsubspace.scoring import choice_scores, collate, evaluate
-from fedsubspace.server import evaluate_loaded
 
 EVERY_DENSE = {
     "tiny-encoder": "target_modules=[query, key, value, dense]",

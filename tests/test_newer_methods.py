@@ -19,7 +19,7 @@ from fedsubspace import lowrank
 from fedsubspace.diagnostics import round_diagnostics
 from fedsubspace.methods import ClientContext, LiveParameters, LocalSchedule, MethodOptions, get_method
 from fedsubspace.methods.fedgalore import MOMENT_FLOOR, ProjectedAdam
-from fedsubspace.state import ClientUpdate, GlobalState, MergeLedger
+from fedsubspace.state import ClientUpdate, GlobalState, MergeHistory
 
 F64 = torch.float64
 HYPOTHESIS = settings(deadline=None, max_examples=25)
@@ -610,12 +610,12 @@ def test_fedgalore_plan_trains_the_base_weights_and_reports_P_N():
 # --- communication of merged residuals ------------------------------------------------------------------
 
 
-def test_merge_ledger_brings_a_returning_client_to_exactly_the_current_base():
+def test_merge_history_counts_what_brings_a_returning_client_to_exactly_the_current_base():
     """Partial participation: a client that skipped rounds applies the increments it missed."""
     state, _, _ = make_round(16, 12, 2, 1, seed=0)
     method = get_method("fedex", MethodOptions())
     gen = torch.Generator().manual_seed(1)
-    ledger = MergeLedger()
+    ledger = MergeHistory()
     clients = range(4)
     local = {c: {m: torch.zeros(16 if m.endswith("q") else 12, 12 if m.endswith("q") else 16, dtype=F64)
                  for m in state.factors} for c in clients}  # fmt: skip

@@ -13,7 +13,7 @@ from test_simulation import ROOT
 
 from fedsubspace import models
 from fedsubspace.cli import main
-from fedsubspace.client import train_client
+from fedsubspace.client import client_context, run_round
 from fedsubspace.errors import UserError
 from fedsubspace.experiment import local_schedule, method_options, prepare
 from fedsubspace.methods import get_method
@@ -48,17 +48,7 @@ def one_client_round(*overrides: str) -> tuple[torch.nn.Module, dict]:
     config = tiny("tiny-encoder", "subspace_reg", "lora_dropout=0.1", *overrides)
     exp = prepare(config)
     rule = get_method(config.method, method_options(config))
-    update = train_client(
-        exp.trainable,
-        rule,
-        exp.initial_state,
-        exp.train,
-        exp.partitions[0],
-        local_schedule(config),
-        seed=config.seed,
-        round_index=1,
-        client_id=0,
-    )
+    update = run_round(exp, rule, local_schedule(config), exp.initial_state, client_context(exp, 0, 1)).update
     return exp.trainable.model, {
         **update.head,
         **{f"{n}/{i}": t for n, p in update.factors.items() for i, t in enumerate(p)},

@@ -8,11 +8,10 @@ import torch
 from test_devices import update_tensors
 from test_federation import MIXED_RANK_METHODS, tiny
 
-from fedsubspace.client import train_client
+from fedsubspace.client import client_context, evaluate_loaded, run_round
 from fedsubspace.errors import UserError
 from fedsubspace.experiment import local_schedule, method_options, prepare
 from fedsubspace.methods import METHODS, get_method
-from fedsubspace.server import evaluate_loaded
 
 
 def one_round(method: str, *overrides: str):  # type: ignore[no-untyped-def]
@@ -27,11 +26,9 @@ def one_round(method: str, *overrides: str):  # type: ignore[no-untyped-def]
     schedule = local_schedule(config)
 
     def client(c: int):  # type: ignore[no-untyped-def]
-        seeded = {"seed": config.seed, "round_index": 1, "client_id": c, "rank": exp.client_ranks[c]}
-        data = exp.partitions[c]
-        return train_client(
-            exp.trainable, rule, exp.initial_state, exp.train, data, schedule, memory=memories[c], **seeded
-        )
+        result = run_round(exp, rule, schedule, exp.initial_state, client_context(exp, c, 1, memories[c]))
+        memories[c] = result.memory
+        return result.update
 
     updates = [client(0), client(1)]
     state = rule.aggregate(exp.initial_state, updates, [0.5, 0.5])
@@ -65,10 +62,7 @@ def test_autocast_computes_in_bfloat16_and_keeps_float32_weights() -> None:
     layer = next(m for m in tm.model.modules() if isinstance(m, torch.nn.Linear))
     layer.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
     rule = get_method(config.method, method_options(config))
-    update = train_client(
-        tm, rule, exp.initial_state, exp.train, exp.partitions[0], local_schedule(config),
-        seed=config.seed, round_index=1, client_id=0,
-    )  # fmt: skip
+    update = run_round(exp, rule, local_schedule(config), exp.initial_state, client_context(exp, 0, 1)).update
     assert seen and set(seen) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in tm.model.parameters())
     assert all(t.dtype == torch.float32 for t in update_tensors(update))

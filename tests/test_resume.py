@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_simulation import FIXTURE, ROOT
 
+from fedsubspace import client as client_module
 from fedsubspace import simulation
 from fedsubspace.cli import main
 from fedsubspace.config import load_config
@@ -248,16 +249,17 @@ def test_a_damaged_resume_point_is_refused_in_one_line(tmp_path, capsys, damage,
 
 
 def test_a_round_whose_every_client_was_refused_stops_the_run(tmp_path, capsys, monkeypatch):
-    real = simulation.train_client
+    real = client_module.train_client
 
     def diverged(*args, **kwargs):
-        update = real(*args, **kwargs)
-        if kwargs["round_index"] == 2:
+        update, memory = real(*args, **kwargs)
+        *_, ctx = args
+        if ctx.round_index == 2:
             B, _ = next(iter(update.factors.values()))
             B[0, 0] = float("nan")
-        return update
+        return update, memory
 
-    monkeypatch.setattr(simulation, "train_client", diverged)
+    monkeypatch.setattr(client_module, "train_client", diverged)
     argv = ["run", "--config", str(CONFIG), "--out", str(tmp_path), "--quiet"]
     argv += [arg for setting in FAST for arg in ("--set", setting)]
     assert main(argv) == 2

@@ -83,17 +83,18 @@ def test_a_client_with_nan_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch,
     real = client_module.train_client
 
     def poisoned(*args, **kwargs):
-        update = real(*args, **kwargs)
-        if kwargs["client_id"] == update_victim:
+        update, memory = real(*args, **kwargs)
+        *_, ctx = args
+        if ctx.client_id == update_victim:
             B, _ = next(iter(update.factors.values()))
             B[0, 0] = float("nan")
-        return update
+        return update, memory
 
     config = tiny("tiny-encoder", "svd")
     from fedsubspace.experiment import sample_clients
 
     update_victim = sample_clients(config.seed, 1, config.num_clients, config.client_fraction)[0]
-    monkeypatch.setattr(simulation, "train_client", poisoned)
+    monkeypatch.setattr(client_module, "train_client", poisoned)
     simulation.run(config, tmp_path, progress=False)
     rows = read_metrics(tmp_path)
     assert update_victim in rows[0]["skipped_clients"]

@@ -1,19 +1,27 @@
 """One client's local round: start from the global state, train with the method's rules, report back.
 
-Reads top to bottom like a training recipe: activate the adapter of the client's rank, copy in what the
-method says the client starts from (and the merged base weights), let the method pick what trains and
-with which optimisers, ``max_local_steps`` forward/backward passes with gradient accumulation (the
-method's extra loss term is added once per optimiser step: its gradient does not depend on the
-micro-batch), gradient clipping, and the result copied out for the method to report. Data order and
-dropout draw from generators seeded by (seed, round, client), so the result does not depend on which
-engine or process runs the client.
+:func:`run_round` is every runner's client round (in-process and the Flower ClientApp): from the client's
+context (:func:`client_context`: who, when, at which rank, with which private memory) and the global state
+as the client knows it, it returns the update and the memory the client keeps, the memory it started
+with when the update holds NaN or Inf (the server refuses such an update, so the round leaves nothing
+behind). :func:`evaluate_personal` scores a client's own model on its held-out examples.
+
+:func:`train_client` reads top to bottom like a training recipe: activate the adapter of the client's
+rank, copy in what the method says the client starts from (and the merged base weights), let the method
+pick what trains and with which optimisers, ``max_local_steps`` forward/backward passes with gradient
+accumulation (the method's extra loss term is added once per optimiser step: its gradient does not
+depend on the micro-batch), gradient clipping, and the result copied out for the method to report. Data
+order and dropout draw from generators seeded by (seed, round, client), so the result does not depend on
+which engine or process runs the client.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,13 +37,26 @@ from fedsubspace.placement import (
     update_to_server,
 )
 from fedsubspace.privacy.dpsgd import ExampleLevelDP, PrivateGradients
-from fedsubspace.scoring import Encoded, autocast, choice_scores, collate
+from fedsubspace.scoring import Encoded, EvalResult, autocast, choice_scores, collate, evaluate
 from fedsubspace.seeding import DATA_ORDER, DP_NOISE, DROPOUT, stream_seed
 from fedsubspace.state import ClientUpdate, GlobalState
 
+if TYPE_CHECKING:  # the experiment holds a TrainableModel: a runtime import would be a cycle
+    from fedsubspace.experiment import Experiment
+
 Tensor = torch.Tensor
 
-__all__ = ["Adapter", "TrainableModel", "example_stream", "train_client"]
+__all__ = [
+    "Adapter",
+    "ClientRound",
+    "TrainableModel",
+    "client_context",
+    "evaluate_loaded",
+    "evaluate_personal",
+    "example_stream",
+    "run_round",
+    "train_client",
+]
 
 
 @dataclass
@@ -169,6 +190,54 @@ def example_stream(indices: list[int], rng: np.random.Generator) -> Iterator[int
         yield from (indices[i] for i in rng.permutation(len(indices)))
 
 
+@dataclass
+class ClientRound:
+    """What one client's round leaves, as the server keeps tensors (CPU, at least float32)."""
+
+    update: ClientUpdate
+    memory: dict[str, Tensor]  # the tensors the client keeps for its next round
+    # The update's first tensor holding NaN or Inf, or None. The server refuses such an update, so the
+    # round leaves nothing behind: ``memory`` is then the one the round started from.
+    non_finite: str | None = None
+
+
+def client_context(
+    exp: Experiment, client_id: int, round_index: int, memory: dict[str, Tensor] | None = None
+) -> ClientContext:
+    """Client ``client_id`` in round ``round_index``: its LoRA rank and scaling, and ``memory``, the
+    tensors it kept from its previous rounds (default: none; the server side never holds them)."""
+    rank = exp.client_ranks[client_id]
+    scaling = exp.trainable.adapters[rank].scaling
+    return ClientContext(client_id, round_index, rank, scaling, {} if memory is None else memory)
+
+
+def run_round(
+    exp: Experiment,
+    method: Method,
+    schedule: LocalSchedule,
+    state: GlobalState,
+    ctx: ClientContext,
+    *,
+    dp: ExampleLevelDP | None = None,
+) -> ClientRound:
+    """Client ``ctx.client_id``'s round of ``ctx.round_index`` on its partition, from ``state`` (the global
+    state as the client knows it) and the memory in ``ctx`` (left unchanged), with DP-SGD's settings
+    ``dp`` (default: plain training): every runner's client round."""
+    update, memory = train_client(
+        exp.trainable,
+        method,
+        state,
+        exp.train,
+        exp.partitions[ctx.client_id],
+        schedule,
+        ctx,
+        seed=exp.config.seed,
+        dp=dp,
+    )
+    non_finite = update.non_finite_tensor()
+    return ClientRound(update, ctx.memory if non_finite is not None else memory, non_finite)
+
+
 def train_client(
     tm: TrainableModel,
     method: Method,
@@ -176,25 +245,21 @@ def train_client(
     encoded: Encoded,
     indices: list[int],
     schedule: LocalSchedule,
+    ctx: ClientContext,
     *,
     seed: int,
-    round_index: int,
-    client_id: int,
-    rank: int | None = None,
-    memory: dict[str, Tensor] | None = None,
     dp: ExampleLevelDP | None = None,
-) -> ClientUpdate:
-    """One local round. ``rank`` is the client's LoRA rank (default: the global one); ``memory`` the
-    tensors it keeps privately between its rounds (default: none kept), updated in place; ``dp`` DP-SGD's
-    settings (default: none: plain training).
+) -> tuple[ClientUpdate, dict[str, Tensor]]:
+    """One local round on the examples ``indices`` of ``encoded``: the update and the client's memory
+    after it. ``dp``: DP-SGD's settings (default: none: plain training).
 
-    ``state`` and ``memory`` are the server's (CPU); the round works on copies placed on the model's
-    device and dtype, and the update and memory come back as the server keeps them
+    ``state`` and ``ctx.memory`` are the server's (CPU, never changed); the round works on copies placed
+    on the model's device and dtype, and the update and memory come back as the server keeps them
     (:mod:`fedsubspace.placement`)."""
-    adapter = tm.activate(state.rank if rank is None else rank)
+    round_index, client_id = ctx.round_index, ctx.client_id
+    adapter = tm.activate(ctx.rank)
     state = state_to_client(state, tm.placement)
-    on_client = tensors_to_client({} if memory is None else memory, tm.placement)
-    ctx = ClientContext(client_id, round_index, adapter.rank, adapter.scaling, on_client)
+    ctx = dataclasses.replace(ctx, memory=tensors_to_client(ctx.memory, tm.placement))
     start = method.client_start(state, ctx)
     tm.load_weights(start.factors, start.head, state.residual)
     tm.freeze()
@@ -254,7 +319,29 @@ def train_client(
     )
     if plan.finish is not None:
         update = plan.finish(update)
-    if memory is not None:
-        memory.clear()
-        memory.update(tensors_to_server(ctx.memory))
-    return update_to_server(update)
+    return update_to_server(update), tensors_to_server(ctx.memory)
+
+
+def evaluate_personal(exp: Experiment, method: Method, state: GlobalState, ctx: ClientContext) -> EvalResult:
+    """The client's own model, as it starts round ``ctx.round_index``, on its held-out examples."""
+    assert exp.holdouts is not None
+    tm = exp.trainable
+    tm.activate(ctx.rank)
+    start = method.client_start(state, ctx)
+    tm.load_weights(start.factors, start.head, state.residual)
+    return evaluate_loaded(exp, exp.holdouts[ctx.client_id])
+
+
+def evaluate_loaded(exp: Experiment, encoded: Encoded, *, merged: bool | None = None) -> EvalResult:
+    """The model as loaded on ``encoded``, its adapter merged for the time when ``merged`` (default: the
+    config's ``merged_eval``), under the config's autocast."""
+    tm, config = exp.trainable, exp.config
+    with tm.merged() if (config.merged_eval if merged is None else merged) else nullcontext():
+        return evaluate(
+            tm.model,
+            encoded,
+            tm.kind,
+            batch_size=config.eval_batch_size,
+            device=tm.device,
+            autocast_dtype=tm.autocast,
+        )

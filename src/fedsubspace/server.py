@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedsubspace.client import client_context, evaluate_loaded, evaluate_personal
 from fedsubspace.diagnostics import DELTA_KEYS, round_delta_diagnostics, round_diagnostics
 from fedsubspace.errors import UserError
 from fedsubspace.experiment import Experiment
-from fedsubspace.methods import ClientContext, Method
+from fedsubspace.methods import Method
 from fedsubspace.predictions import copy_predictions, write_predictions
 from fedsubspace.privacy.run import RunPrivacy
 from fedsubspace.results import SUMMARY, Memories, RunDirectory
-from fedsubspace.scoring import Encoded, EvalResult, ExamplePredictions, evaluate
+from fedsubspace.scoring import EvalResult, ExamplePredictions
 from fedsubspace.state import ClientUpdate, Factors, GlobalState
 
 DIAGNOSTIC_KEYS = (
@@ -64,12 +64,6 @@ def done_line(summary: dict[str, Any], out: Path) -> str:
     )
 
 
-def client_context(exp: Experiment, memories: Memories, client_id: int, round_index: int) -> ClientContext:
-    rank = exp.client_ranks[client_id]
-    scaling = exp.trainable.adapters[rank].scaling
-    return ClientContext(client_id, round_index, rank, scaling, memories.setdefault(client_id, {}))
-
-
 def evaluate_model(exp: Experiment, method: Method, state: GlobalState, memories: Memories) -> EvalResult:
     """The global model on the evaluation split; for a personalised method, every client's own model
     (as it would start its next round) on its held-out examples, pooled in client order."""
@@ -79,35 +73,12 @@ def evaluate_model(exp: Experiment, method: Method, state: GlobalState, memories
     assert exp.holdouts is not None
     return pool(
         [
-            evaluate_personal(exp, method, state, client_context(exp, memories, client_id, state.round + 1))
+            evaluate_personal(
+                exp, method, state, client_context(exp, client_id, state.round + 1, memories.get(client_id))
+            )
             for client_id in range(len(exp.holdouts))
         ]
     )
-
-
-def evaluate_personal(exp: Experiment, method: Method, state: GlobalState, ctx: ClientContext) -> EvalResult:
-    """One client's own model, as it starts round ``ctx.round_index``, on its held-out examples."""
-    assert exp.holdouts is not None
-    tm = exp.trainable
-    tm.activate(ctx.rank)
-    start = method.client_start(state, ctx)
-    tm.load_weights(start.factors, start.head, state.residual)
-    return evaluate_loaded(exp, exp.holdouts[ctx.client_id])
-
-
-def evaluate_loaded(exp: Experiment, encoded: Encoded, *, merged: bool | None = None) -> EvalResult:
-    """The model as loaded on ``encoded``, its adapter merged for the time when ``merged`` (default: the
-    config's ``merged_eval``), under the config's autocast."""
-    tm, config = exp.trainable, exp.config
-    with tm.merged() if (config.merged_eval if merged is None else merged) else nullcontext():
-        return evaluate(
-            tm.model,
-            encoded,
-            tm.kind,
-            batch_size=config.eval_batch_size,
-            device=tm.device,
-            autocast_dtype=tm.autocast,
-        )
 
 
 def pool(results: list[EvalResult]) -> EvalResult:

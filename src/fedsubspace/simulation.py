@@ -1,6 +1,7 @@
 """The in-process federation, the default runner: every round reads top to bottom.
 
-sample clients -> each receives what it needs and trains from the global state -> the server side
+sample clients -> each receives what it needs and trains from the global state
+(:func:`fedsubspace.client.run_round`, shared with the Flower ClientApp) -> the server side
 (:class:`fedsubspace.server.RoundServer`, shared with the Flower ServerApp) aggregates and computes the
 diagnostics -> evaluate the new global model (or, for personalised methods, every client's own model on
 its held-out data) -> one metrics line and a checkpoint. A client whose update holds NaN or Inf is
@@ -8,14 +9,14 @@ reported and left out of the round; the run goes on.
 
 Clients keep private tensors between their rounds in ``memories`` (fedsa's B and head, fedgalore's
 projector and second moment); the server never reads them. ``bytes_down`` counts, per sampled client,
-the method's downlink plus the merged base-weight increments the client missed (a :class:`MergeLedger`).
+the method's downlink plus the merged base-weight increments the client missed (a :class:`MergeHistory`).
 
 Resume: every completed round (and round 0, the initial evaluation) is committed as one checkpoint
-holding the global state, the clients' memories, the merge ledger and the best and initial results.
-Nothing else carries over between rounds: client sampling, data order and dropout are seeded per
-(seed, round, client), the model is reloaded from the state before every use, and optimisers are fresh
-every round. So a run started again with ``resume`` continues after its last committed round and
-writes what an uninterrupted run writes.
+holding the global state, the clients' memories, the merge history's byte counts and the best and
+initial results. Nothing else carries over between rounds: client sampling, data order and dropout are
+seeded per (seed, round, client), the model is reloaded from the state before every use, and optimisers
+are fresh every round. So a run started again with ``resume`` continues after its last committed round
+and writes what an uninterrupted run writes.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from fedsubspace.client import train_client
+from fedsubspace.client import client_context, run_round
 from fedsubspace.config import ExperimentConfig
 from fedsubspace.errors import UserError
 from fedsubspace.experiment import local_schedule, method_options, prepare, sample_clients
@@ -34,21 +35,21 @@ from fedsubspace.methods import get_method
 from fedsubspace.predictions import write_predictions
 from fedsubspace.privacy.run import RunPrivacy
 from fedsubspace.results import PARTITION_STATS, Memories, ResumePoint, RunDirectory, claim
-from fedsubspace.server import ClientResults, RoundServer, client_context, evaluate_model
-from fedsubspace.state import GlobalState, MergeLedger, payload_bytes
+from fedsubspace.server import ClientResults, RoundServer, evaluate_model
+from fedsubspace.state import GlobalState, MergeHistory, payload_bytes
 
 
 def commit(
     run_dir: RunDirectory,
     state: GlobalState,
     memories: Memories,
-    ledger: MergeLedger,
+    merges: MergeHistory,
     counters: dict[str, Any],
 ) -> ResumePoint:
     """Checkpoint a completed round and return it as saved. The run goes on from this copy: the very
     tensors a run resumed from it loads (contiguous copies of what may have been strided views), so an
     interrupted and resumed run computes bit for bit what an uninterrupted one does."""
-    run_dir.save_resume_point(state, memories, {**counters, "ledger": ledger.state_dict()})
+    run_dir.save_resume_point(state, memories, {**counters, "ledger": merges.state_dict()})
     return run_dir.read_resume_point()
 
 
@@ -81,24 +82,20 @@ def _run(
     exp = prepare(config)
     privacy = RunPrivacy.of(config, [len(p) for p in exp.partitions])  # refuses what it cannot honour
     run_dir.write_json(PARTITION_STATS, exp.partition_stats)
-    tm, method, schedule = (
-        exp.trainable,
-        get_method(config.method, method_options(config)),
-        local_schedule(config),
-    )
+    method, schedule = get_method(config.method, method_options(config)), local_schedule(config)
 
     memories: Memories = {client_id: {} for client_id in range(config.num_clients)}
-    ledger = MergeLedger()
+    merges = MergeHistory()
     point = run_dir.resume_point() if resume else None
     if point is None:
         initial = evaluate_model(exp, method, exp.initial_state, memories)
         write_predictions(out, "initial", 0, initial)
         # Round 0 is committed too: a resumed run never evaluates the initial model again.
-        point = commit(run_dir, exp.initial_state, memories, ledger, RoundServer.start_progress(initial))
+        point = commit(run_dir, exp.initial_state, memories, merges, RoundServer.start_progress(initial))
     elif progress:
         tqdm.write(f"resuming {out} after round {point.state.round}")
     memories.update(point.memories)
-    ledger.load_state_dict(point.progress["ledger"])
+    merges.load_state_dict(point.progress["ledger"])
     server = RoundServer(
         method,
         run_dir,
@@ -124,33 +121,18 @@ def _run(
         selected = sample_clients(config.seed, round_index, config.num_clients, config.client_fraction)
         updates, skipped, bytes_down = [], [], 0
         for client_id in selected:
-            ctx = client_context(exp, memories, client_id, round_index)
-            bytes_down += payload_bytes(method.downlink(state, ctx)) + ledger.catch_up_bytes(client_id, state)
-            kept = dict(ctx.memory)  # a discarded round must not leave its tensors in the client's memory
-            update = train_client(
-                tm,
-                method,
-                state,
-                exp.train,
-                exp.partitions[client_id],
-                schedule,
-                seed=config.seed,
-                round_index=round_index,
-                client_id=client_id,
-                rank=ctx.rank,
-                memory=ctx.memory,
-                dp=None if privacy is None else privacy.dp,
-            )
-            bad = update.non_finite_tensor()
-            if bad is not None:
+            ctx = client_context(exp, client_id, round_index, memories[client_id])
+            bytes_down += payload_bytes(method.downlink(state, ctx)) + merges.catch_up_bytes(client_id, state)
+            result = run_round(exp, method, schedule, state, ctx, dp=None if privacy is None else privacy.dp)
+            memories[client_id] = result.memory
+            if result.non_finite is not None:
                 tqdm.write(
-                    f"round {round_index}: client {client_id} sent non-finite values in {bad}; skipped"
+                    f"round {round_index}: client {client_id} sent non-finite values in "
+                    f"{result.non_finite}; skipped"
                 )
                 skipped.append(client_id)
-                ctx.memory.clear()
-                ctx.memory.update(kept)
                 continue
-            updates.append(update)
+            updates.append(result.update)
 
         server.aggregate(
             ClientResults(
@@ -164,9 +146,9 @@ def _run(
                 skipped=skipped,
             )
         )
-        ledger.record(server.state)
+        merges.record(server.state)
         server.record(evaluate_model(exp, method, server.state, memories))
-        point = commit(run_dir, server.state, memories, ledger, server.progress)
+        point = commit(run_dir, server.state, memories, merges, server.progress)
         server.state = point.state
         memories.update(point.memories)
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -116,27 +117,51 @@ def first_non_finite(tensors: Mapping[str, Tensor]) -> str | None:
     return next((name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()), None)
 
 
+# The flat form's key prefixes: ``lora_B/<module>``, ``lora_A/<module>``, ``head/<name>``, ``extra/<name>``.
+LORA_B, LORA_A, HEAD, EXTRA = "lora_B/", "lora_A/", "head/", "extra/"
+_FACTOR_PREFIX = {"B": LORA_B, "A": LORA_A}
+
+
 def flatten(
-    factors: Factors, head: Mapping[str, Tensor], extras: Mapping[str, Tensor] | None = None
+    factors: Factors,
+    head: Mapping[str, Tensor],
+    extras: Mapping[str, Tensor] | None = None,
+    *,
+    sides: Collection[str] = ("B", "A"),
 ) -> dict[str, Tensor]:
-    """One flat name -> tensor dict, the form sent over the wire and written to checkpoints."""
+    """One flat name -> tensor dict, the form sent over the wire and written to checkpoints; ``sides``
+    names the factors that travel ("B", "A": a method's trained set), the others are left out."""
     flat: dict[str, Tensor] = {}
-    for name, (B, A) in factors.items():
-        flat[f"lora_B/{name}"] = B
-        flat[f"lora_A/{name}"] = A
-    flat.update({f"head/{name}": t for name, t in head.items()})
-    flat.update({f"extra/{name}": t for name, t in (extras or {}).items()})
+    for name, pair in factors.items():
+        for side, tensor in zip(("B", "A"), pair, strict=True):
+            if side in sides:
+                flat[f"{_FACTOR_PREFIX[side]}{name}"] = tensor
+    flat.update({f"{HEAD}{name}": t for name, t in head.items()})
+    flat.update({f"{EXTRA}{name}": t for name, t in (extras or {}).items()})
     return flat
 
 
-def unflatten(flat: Mapping[str, Tensor]) -> tuple[Factors, dict[str, Tensor], dict[str, Tensor]]:
-    """Inverse of :func:`flatten`."""
-    halves: dict[str, dict[str, Tensor]] = {"lora_B": {}, "lora_A": {}, "head": {}, "extra": {}}
+def unflatten(
+    flat: Mapping[str, Tensor], base: Factors | None = None
+) -> tuple[Factors, dict[str, Tensor], dict[str, Tensor]]:
+    """Inverse of :func:`flatten`: ``(factors, head, extras)``. Without ``base`` every module's two
+    factors must be there (a checkpoint); with it, the modules are ``base``'s and a factor that did not
+    travel is ``base``'s (what the receiver already holds)."""
+    parts: dict[str, dict[str, Tensor]] = {LORA_B: {}, LORA_A: {}, HEAD: {}, EXTRA: {}}
     for key, tensor in flat.items():
         kind, _, name = key.partition("/")
-        halves[kind][name] = tensor
-    factors = {name: (B, halves["lora_A"][name]) for name, B in halves["lora_B"].items()}
-    return factors, halves["head"], halves["extra"]
+        parts[f"{kind}/"][name] = tensor
+    B_sent, A_sent = parts[LORA_B], parts[LORA_A]
+    if base is None:
+        factors = {name: (B, A_sent[name]) for name, B in B_sent.items()}
+    else:
+        factors = {name: (B_sent.get(name, B), A_sent.get(name, A)) for name, (B, A) in base.items()}
+    return factors, parts[HEAD], parts[EXTRA]
+
+
+def carries_factors(flat: Mapping[str, Tensor]) -> bool:
+    """Whether a flat dict holds any LoRA factor."""
+    return any(key.startswith((LORA_B, LORA_A)) for key in flat)
 
 
 def payload_bytes(tensors: Mapping[str, Tensor]) -> int:
@@ -146,19 +171,28 @@ def payload_bytes(tensors: Mapping[str, Tensor]) -> int:
 
 def weighted_average(tensors: list[Mapping[str, Tensor]], weights: list[float]) -> dict[str, Tensor]:
     """``sum_i p_i T_i`` key by key (heads, and the factors of rules that average them)."""
-    return {key: sum(w * t[key] for w, t in zip(weights, tensors, strict=True)) for key in tensors[0]}
+    return {
+        key: cast(Tensor, sum(w * t[key] for w, t in zip(weights, tensors, strict=True)))
+        for key in tensors[0]
+    }
 
 
-class MergeLedger:
-    """What a client must download to reach the current merged base weights, counted honestly.
+class MergeHistory:
+    """Every round's merge into the base weights, and what brings a client up to date with them.
 
-    A client that last synchronised after round tau needs the residual increments of rounds tau+1..now.
-    Each increment is a product of stacked client factors, so it travels as those factors, unless
-    their total exceeds the dense m x n increment, which then travels instead (per module, the cheaper
-    of the two). Clients start synchronised with the initial model (round 0, nothing merged).
+    A client whose base weights are current with round ``since`` needs the residual increments of rounds
+    ``since+1 .. now``. Each increment is a product ``left @ right`` of stacked client factors, so it
+    travels as those factors (replayed in order, they give exactly the server's residual), unless their
+    total exceeds the dense m x n residual, which then travels instead: per module, the cheaper of the two.
+    Clients start synchronised with the initial model (round 0, nothing merged).
+
+    The in-process runner counts the bytes (:meth:`catch_up_bytes`, which also keeps track of each client's
+    round); the Flower server ships the tensors (:meth:`catch_up`). Only the byte counts and the clients'
+    rounds are checkpointed (:meth:`state_dict`): the factors of rounds before a restore are not kept.
     """
 
     def __init__(self) -> None:
+        self.factors: list[Factors] = []  # round t's merge factors at index t - 1 (empty: no merge)
         self.factored: list[dict[str, int]] = []  # per round: module -> bytes of that round's merge factors
         self.dense: dict[str, int] = {}  # module -> bytes of one m x n increment
         self.synced: dict[int, int] = {}  # client -> the round its base weights are current with
@@ -167,32 +201,72 @@ class MergeLedger:
         """Note the merge of the round that produced ``state`` (none for methods that never merge)."""
         while len(self.factored) < state.round:
             self.factored.append({})
+            self.factors.append({})
         if state.round == 0:
             return
+        self.factors[state.round - 1] = dict(state.merged)
         self.factored[state.round - 1] = {
             module: payload_bytes({"l": left, "r": right}) for module, (left, right) in state.merged.items()
         }
         for module, residual in state.residual.items():
             self.dense[module] = residual.numel() * residual.element_size()
 
-    def state_dict(self) -> dict:
-        """Everything the ledger remembers, as JSON-ready data (a resumed run restores it)."""
+    def state_dict(self) -> dict[str, Any]:
+        """The byte counts and the clients' rounds, as JSON-ready data (a resumed run restores them)."""
         return {"factored": self.factored, "dense": self.dense, "synced": self.synced}
 
-    def load_state_dict(self, data: dict) -> None:
+    def load_state_dict(self, data: dict[str, Any]) -> None:
         self.factored = [dict(merges) for merges in data["factored"]]
+        self.factors = [{} for _ in self.factored]
         self.dense = dict(data["dense"])
         self.synced = {int(client): since for client, since in data["synced"].items()}  # JSON keys are str
+
+    def _plan(self, since: int, now: int) -> Iterator[tuple[str, list[int] | None]]:
+        """Per merged module, the rounds whose factors travel to a client current with ``since``, or None
+        where the dense residual is the smaller download."""
+        for module, dense in self.dense.items():
+            rounds = [t for t in range(since + 1, now + 1) if module in self.factored[t - 1]]
+            factored = sum(self.factored[t - 1][module] for t in rounds)
+            yield module, rounds if factored <= dense else None
 
     def catch_up_bytes(self, client_id: int, state: GlobalState) -> int:
         """Bytes that bring ``client_id`` to ``state``'s base weights; the client is then synchronised."""
         since = self.synced.get(client_id, 0)
         self.synced[client_id] = state.round
-        total = 0
-        for module, dense in self.dense.items():
-            factored = sum(merges.get(module, 0) for merges in self.factored[since : state.round])
-            total += min(dense, factored)
-        return total
+        return sum(
+            self.dense[module] if rounds is None else sum(self.factored[t - 1][module] for t in rounds)
+            for module, rounds in self._plan(since, state.round)
+        )
+
+    def catch_up(self, since: int, state: GlobalState) -> dict[str, Tensor]:
+        """What a client current with round ``since`` must receive to reach ``state``'s base weights:
+        ``merge/<t>/left/<module>`` and ``merge/<t>/right/<module>`` per round, or ``dense/<module>``."""
+        payload: dict[str, Tensor] = {}
+        for module, rounds in self._plan(since, state.round):
+            if rounds is None:
+                payload[f"dense/{module}"] = state.residual[module]
+            for t in rounds or []:
+                left, right = self.factors[t - 1][module]
+                payload[f"merge/{t}/left/{module}"] = left
+                payload[f"merge/{t}/right/{module}"] = right
+        return payload
+
+    @staticmethod
+    def read_catch_up(payload: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[int, Factors]]:
+        """A :meth:`catch_up` payload as ``(dense residuals, round -> merge factors)``."""
+        dense: dict[str, Tensor] = {}
+        sides: dict[str, dict[tuple[int, str], Tensor]] = {"left": {}, "right": {}}
+        for key, tensor in payload.items():
+            kind, _, rest = key.partition("/")
+            if kind == "dense":
+                dense[rest] = tensor
+            else:
+                round_text, side, module = rest.split("/", 2)
+                sides[side][int(round_text), module] = tensor
+        merges: dict[int, Factors] = {}
+        for (t, module), left in sides["left"].items():
+            merges.setdefault(t, {})[module] = (left, sides["right"][t, module])
+        return dense, merges
 
 
 SIDECAR = "sidecar/"  # checkpoint keys that are not part of the global state (a runner's resume data)

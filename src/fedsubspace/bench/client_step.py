@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from fedsubspace.client import train_client
+from fedsubspace.client import client_context, train_client
 from fedsubspace.config import ExperimentConfig
 from fedsubspace.experiment import local_schedule, method_options, prepare
 from fedsubspace.markdown import markdown_table
@@ -34,16 +34,8 @@ def bench_client_step(config: ExperimentConfig, repeats: int = 5, progress: bool
         exp.initial_state,
         [
             train_client(
-                tm,
-                fedavg,
-                exp.initial_state,
-                exp.train,
-                indices,
-                schedule,
-                seed=0,
-                round_index=0,
-                client_id=0,
-            )
+                tm, fedavg, exp.initial_state, exp.train, indices, schedule, client_context(exp, 0, 0), seed=0
+            )[0]
         ],
         [1.0],
     )
@@ -52,9 +44,8 @@ def bench_client_step(config: ExperimentConfig, repeats: int = 5, progress: bool
     for repeat in tqdm(range(repeats), desc=f"client rounds ({config.model})", disable=not progress):
         for method in (fedavg, subspace_reg):
             started = time.perf_counter()
-            train_client(
-                tm, method, state, exp.train, indices, schedule, seed=0, round_index=repeat + 1, client_id=0
-            )
+            ctx = client_context(exp, 0, repeat + 1)
+            train_client(tm, method, state, exp.train, indices, schedule, ctx, seed=0)
             round_seconds[method.name].append(time.perf_counter() - started)
 
     tm.load(state)

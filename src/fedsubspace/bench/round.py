@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fedsubspace.client import train_client
+from fedsubspace.client import client_context, evaluate_loaded, run_round
 from fedsubspace.config import ExperimentConfig
 from fedsubspace.diagnostics import round_diagnostics
 from fedsubspace.errors import UserError
@@ -32,7 +32,6 @@ from fedsubspace.experiment import Experiment, local_schedule, method_options, p
 from fedsubspace.markdown import markdown_table
 from fedsubspace.methods import Method, get_method
 from fedsubspace.scoring import EvalResult
-from fedsubspace.server import client_context, evaluate_loaded
 from fedsubspace.state import ClientUpdate, GlobalState
 
 MiB = 2**20
@@ -135,14 +134,10 @@ def time_round(
     def train() -> list[ClientUpdate]:
         updates = []
         for client_id in selected:
-            ctx = client_context(exp, memories, client_id, round_index)
-            data = exp.partitions[client_id]
-            seeded = {"seed": config.seed, "round_index": round_index, "client_id": client_id}
-            updates.append(
-                train_client(
-                    tm, method, state, exp.train, data, schedule, rank=ctx.rank, memory=ctx.memory, **seeded
-                )
-            )
+            ctx = client_context(exp, client_id, round_index, memories.get(client_id))
+            result = run_round(exp, method, schedule, state, ctx)
+            memories[client_id] = result.memory
+            updates.append(result.update)
         return updates
 
     updates, train_s, train_mib = timed(memory, train)

@@ -4,7 +4,7 @@ A node's client is its ``partition-id`` (``--node-config "partition-id=K num-par
 the run's ``num_clients``). The node computes that partition itself with the same loader and seeded
 partitioner as the in-process runner, so the data never travels. A TRAIN message carries the method's
 downlink, from which the client rebuilds its view of the global state (:meth:`Method.client_view`), and
-the merged-weight catch-up; the client trains with :func:`fedsubspace.client.train_client` and replies
+the merged-weight catch-up; the client trains with :func:`fedsubspace.client.run_round` and replies
 with the method's uplink (``arrays``), its example count and loss (``metrics``) and what it trained with
 (``config``). What the client keeps between its rounds lives in the node's Flower context: its memory
 (fedsa's B and head, fedgalore's projector and second moment; not updated by a round whose update is not
@@ -110,8 +110,8 @@ def query(msg: Message, context: Context) -> Message:
 
 def start_round(msg: Message, context: Context, s: Session) -> tuple[ClientContext, GlobalState]:
     """The client's context and its view of the global state, merged base weights brought up to date."""
+    from fedsubspace.client import client_context
     from fedsubspace.flower.payload import apply_catch_up, from_record, to_record
-    from fedsubspace.server import client_context
 
     content = from_fitins(msg.content) if is_fitins(msg.content) else msg.content  # SecAgg+ carries FitIns
     config = content["config"]
@@ -127,7 +127,7 @@ def start_round(msg: Message, context: Context, s: Session) -> tuple[ClientConte
             "it names on this machine"
         )
     memory = from_record(context.state.array_records.get(MEMORY, ArrayRecord()))
-    ctx = client_context(s.exp, {client: memory}, client, int(config["server-round"]))  # type: ignore[arg-type]
+    ctx = client_context(s.exp, client, int(config["server-round"]), memory)  # type: ignore[arg-type]
     view = s.method.client_view(from_record(content["arrays"]), s.exp.initial_state, ctx)
     if "residual" in content:
         since = residual_round(context)
@@ -147,28 +147,14 @@ def start_round(msg: Message, context: Context, s: Session) -> tuple[ClientConte
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from fedsubspace.client import train_client
+    from fedsubspace.client import run_round
     from fedsubspace.flower.payload import to_record
 
     s = session(context.run_config)
     ctx, view = start_round(msg, context, s)
-    kept = dict(ctx.memory)
-    update = train_client(
-        s.exp.trainable,
-        s.method,
-        view,
-        s.exp.train,
-        s.exp.partitions[ctx.client_id],
-        s.schedule,
-        seed=s.config.seed,
-        round_index=ctx.round_index,
-        client_id=ctx.client_id,
-        rank=ctx.rank,
-        memory=ctx.memory,
-        dp=s.dp,
-    )
-    # the server refuses a non-finite update: the round must not leave its tensors in the memory either
-    context.state[MEMORY] = to_record(ctx.memory if update.non_finite_tensor() is None else kept)
+    result = run_round(s.exp, s.method, s.schedule, view, ctx, dp=s.dp)
+    context.state[MEMORY] = to_record(result.memory)
+    update = result.update
     content = RecordDict(
         {
             "arrays": to_record(s.method.uplink(update)),
@@ -188,7 +174,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """A personalised method's evaluation: this client's own model on its held-out examples."""
-    from fedsubspace.server import evaluate_personal
+    from fedsubspace.client import evaluate_personal
 
     s = session(context.run_config)
     ctx, view = start_round(msg, context, s)

@@ -22,7 +22,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedsubspace.methods.base import ClientStart, Method
 from fedsubspace.methods.common import merged_residual
-from fedsubspace.state import ClientUpdate, Factors, GlobalState, payload_bytes
+from fedsubspace.state import EXTRA, HEAD, LORA_A, LORA_B, ClientUpdate, GlobalState, MergeHistory, unflatten
 
 Tensor = torch.Tensor
 # numpy has no bfloat16: such tensors travel as their raw 16-bit patterns, the Array's dtype says so
@@ -83,24 +83,25 @@ def check_upload(
     if not trained <= {"A", "B"}:
         return f"trained factors {sorted(trained)} are not a subset of A, B"
     reference = ClientUpdate(-1, 0, start.factors, start.head, 0.0, trained=trained)
-    expected = {key for key in method.uplink(reference) if not key.startswith("extra/")}
-    received = {key for key in upload if not key.startswith("extra/")}
+    expected = {key for key in method.uplink(reference) if not key.startswith(EXTRA)}
+    received = {key for key in upload if not key.startswith(EXTRA)}
     if received != expected:
         missing, unexpected = sorted(expected - received), sorted(received - expected)
         return f"tensor names differ from the upload (missing {missing[:3]}, unexpected {unexpected[:3]})"
+    factors, heads, _ = unflatten(upload, start.factors)
     for module, (B0, A0) in start.factors.items():
-        B, A = upload.get(f"lora_B/{module}", B0), upload.get(f"lora_A/{module}", A0)
+        B, A = factors[module]
         if B.dim() != 2 or B.shape[0] != B0.shape[0] or B.dtype != B0.dtype:
-            return f"lora_B/{module} is {tuple(B.shape)} {B.dtype}, expected ({B0.shape[0]}, r) {B0.dtype}"
+            return f"{LORA_B}{module} is {tuple(B.shape)} {B.dtype}, expected ({B0.shape[0]}, r) {B0.dtype}"
         if A.dim() != 2 or A.shape[1] != A0.shape[1] or A.dtype != A0.dtype:
-            return f"lora_A/{module} is {tuple(A.shape)} {A.dtype}, expected (r, {A0.shape[1]}) {A0.dtype}"
+            return f"{LORA_A}{module} is {tuple(A.shape)} {A.dtype}, expected (r, {A0.shape[1]}) {A0.dtype}"
         if B.shape[1] != A.shape[0] or not 1 <= A.shape[0] <= rank:
             return f"module {module} has inner ranks {B.shape[1]} and {A.shape[0]}, expected one <= {rank}"
     for name, head in start.head.items():
-        sent = upload.get(f"head/{name}")
+        sent = heads.get(name)
         if sent is not None and (sent.shape != head.shape or sent.dtype != head.dtype):
             return (
-                f"head/{name} is {tuple(sent.shape)} {sent.dtype}, expected {tuple(head.shape)} {head.dtype}"
+                f"{HEAD}{name} is {tuple(sent.shape)} {sent.dtype}, expected {tuple(head.shape)} {head.dtype}"
             )
     for key, tensor in upload.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -120,17 +121,14 @@ def update_from_upload(
 ) -> ClientUpdate:
     """The client's update as the server aggregates it: uploaded factors, and for the factors that did
     not travel the values the client started from (it did not train them)."""
-    factors: Factors = {
-        module: (upload.get(f"lora_B/{module}", B), upload.get(f"lora_A/{module}", A))
-        for module, (B, A) in start.factors.items()
-    }
+    factors, head, extras = unflatten(upload, start.factors)
     return ClientUpdate(
         client_id=client_id,
         num_examples=num_examples,
         factors=factors,
-        head={k.removeprefix("head/"): t for k, t in upload.items() if k.startswith("head/")},
+        head=head,
         train_loss=train_loss,
-        extras={k.removeprefix("extra/"): t for k, t in upload.items() if k.startswith("extra/")},
+        extras=extras,
         scaling=scaling,
         trained=trained,
     )
@@ -139,61 +137,14 @@ def update_from_upload(
 # --- merged base weights ----------------------------------------------------------------------------
 
 
-class MergeHistory:
-    """Every round's merge into the base weights, so the server can bring any node up to date.
-
-    A node whose base weights are current with round ``since`` needs, per module, either the merge
-    factors of rounds ``since+1 .. now`` (replayed in order, they give exactly the server's residual) or
-    the dense residual, whichever is smaller: the rule :class:`fedsubspace.state.MergeLedger` counts.
-    """
-
-    def __init__(self) -> None:
-        self.rounds: list[Factors] = []  # round t's merge factors at index t - 1 (empty: no merge)
-
-    def record(self, state: GlobalState) -> None:
-        """Note the merge of the round that produced ``state``."""
-        while len(self.rounds) < state.round:
-            self.rounds.append({})
-        if state.round:
-            self.rounds[state.round - 1] = dict(state.merged)
-
-    def catch_up(self, since: int, state: GlobalState) -> dict[str, Tensor]:
-        """What a node current with round ``since`` must receive to reach ``state``'s base weights."""
-        payload: dict[str, Tensor] = {}
-        for module, dense in state.residual.items():
-            merges = [
-                (t, self.rounds[t - 1][module])
-                for t in range(since + 1, state.round + 1)
-                if module in self.rounds[t - 1]
-            ]
-            factored = sum(payload_bytes({"left": left, "right": right}) for _, (left, right) in merges)
-            if factored <= payload_bytes({"dense": dense}):
-                for t, (left, right) in merges:
-                    payload[f"merge/{t}/left/{module}"] = left
-                    payload[f"merge/{t}/right/{module}"] = right
-            else:
-                payload[f"dense/{module}"] = dense
-        return payload
-
-
 def apply_catch_up(
     residual: Mapping[str, Tensor], payload: Mapping[str, Tensor], since: int
 ) -> dict[str, Tensor]:
     """A node's residual, current with round ``since``, brought up to date by
-    :meth:`MergeHistory.catch_up`: dense modules replaced, the merges of later rounds replayed in order
-    with the server's own update rule."""
-    current = dict(residual)
-    sides: dict[str, dict[tuple[int, str], Tensor]] = {"left": {}, "right": {}}
-    for key, tensor in payload.items():
-        kind, _, rest = key.partition("/")
-        if kind == "dense":
-            current[rest] = tensor
-        else:
-            round_text, side, module = rest.split("/", 2)
-            sides[side][int(round_text), module] = tensor
-    for t in sorted({t for t, _ in sides["left"] if t > since}):
-        merges = {
-            module: (left, sides["right"][t, module]) for (r, module), left in sides["left"].items() if r == t
-        }
-        current = merged_residual(GlobalState(factors={}, head={}, scaling=1.0, residual=current), merges)
+    :meth:`MergeHistory.catch_up <fedsubspace.state.MergeHistory.catch_up>`: dense modules replaced, the
+    merges of later rounds replayed in order with the server's own update rule."""
+    dense, merges = MergeHistory.read_catch_up(payload)
+    current = {**residual, **dense}
+    for t in sorted(t for t in merges if t > since):
+        current = merged_residual(GlobalState(factors={}, head={}, scaling=1.0, residual=current), merges[t])
     return current

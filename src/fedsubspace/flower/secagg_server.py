@@ -23,10 +23,11 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
+from fedsubspace.client import client_context
 from fedsubspace.flower.payload import check_upload, update_from_upload
 from fedsubspace.flower.secagg import CLIPPING_RANGE, QUANTIZATION_RANGE, as_fitins, pooled_upload
 from fedsubspace.flower.server_app import SubspaceStrategy
-from fedsubspace.server import ClientResults, client_context
+from fedsubspace.server import ClientResults
 from fedsubspace.state import ClientUpdate, payload_bytes
 
 
@@ -57,7 +58,7 @@ class SecAggRound:
             log(WARNING, "round %s: %s client(s) failed under SecAgg+", server_round, len(failures))
         updates: list[ClientUpdate] = []
         if clients:
-            ctx = client_context(s.exp, {}, clients[0], server_round)
+            ctx = client_context(s.exp, clients[0], server_round)
             start = s.method.client_start(s.server.state, ctx)
             trained_factors = s.method.trains_in(server_round)
             probe = ClientUpdate(-1, 1, start.factors, start.head, 0.0, trained=trained_factors)

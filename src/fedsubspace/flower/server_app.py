@@ -32,24 +32,18 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from fedsubspace.client import client_context
 from fedsubspace.errors import UserError, as_user_error
 from fedsubspace.experiment import Experiment, method_options, prepare, sample_clients
-from fedsubspace.flower.payload import (
-    MergeHistory,
-    check_upload,
-    content_bytes,
-    from_record,
-    to_record,
-    update_from_upload,
-)
+from fedsubspace.flower.payload import check_upload, content_bytes, from_record, to_record, update_from_upload
 from fedsubspace.flower.settings import FlowerSettings, config_digest
 from fedsubspace.methods import ClientContext, Method, get_method
 from fedsubspace.predictions import write_predictions
 from fedsubspace.privacy.run import RunPrivacy
 from fedsubspace.results import FLOWER, PARTITION_STATS, RunDirectory, claim
 from fedsubspace.scoring import EvalResult
-from fedsubspace.server import ClientResults, RoundServer, client_context, done_line, evaluate_model, pool
-from fedsubspace.state import ClientUpdate, flatten
+from fedsubspace.server import ClientResults, RoundServer, done_line, evaluate_model, pool
+from fedsubspace.state import ClientUpdate, MergeHistory, flatten
 
 QUERY_TIMEOUT = 120.0  # seconds a node has to answer who it is (it starts a ClientApp process to do so)
 
@@ -200,7 +194,7 @@ class SubspaceStrategy(FedAvg):
                 self.missing.append(client)
                 continue
             # the server never holds a client's memory: an empty one stands in for it
-            content = self.content_for(client_context(self.exp, {}, client, server_round), node)
+            content = self.content_for(client_context(self.exp, client, server_round), node)
             message = Message(
                 content, node, MessageType.TRAIN, ttl=self.settings.round_timeout, group_id=str(server_round)
             )
@@ -307,7 +301,7 @@ class SubspaceStrategy(FedAvg):
             return None, f"it answers for client {claimed}"
         if not isinstance(num_examples, int) or num_examples < 1:
             return None, f"num-examples is {num_examples!r}"
-        ctx = client_context(self.exp, {}, client, server_round)
+        ctx = client_context(self.exp, client, server_round)
         start = self.method.client_start(self.server.state, ctx)
         problem = check_upload(self.method, upload, start, trained, ctx.rank)
         if problem is not None:
@@ -334,7 +328,7 @@ class SubspaceStrategy(FedAvg):
             return []
         self.sent = []
         for client, node in sorted(self.holders().items()):
-            content = self.content_for(client_context(self.exp, {}, client, server_round + 1), node)
+            content = self.content_for(client_context(self.exp, client, server_round + 1), node)
             message = Message(
                 content,
                 node,

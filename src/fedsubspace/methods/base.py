@@ -24,7 +24,7 @@ from torch import nn
 
 from fedsubspace import lowrank
 from fedsubspace.methods.privacy import PrivacySupport
-from fedsubspace.state import ClientUpdate, Factors, GlobalState, flatten
+from fedsubspace.state import ClientUpdate, Factors, GlobalState, carries_factors, flatten, unflatten
 
 Tensor = torch.Tensor
 # Extra client loss term, called once per optimiser step on the live (B, A) parameters of every module.
@@ -165,7 +165,7 @@ class Method(ABC):
 
     def downlink(self, state: GlobalState, ctx: ClientContext) -> dict[str, Tensor]:
         """The tensors a client must receive to start the round from ``state`` (merged residuals aside:
-        the runner counts those with a :class:`~fedsubspace.state.MergeLedger`)."""
+        the runner counts those with a :class:`~fedsubspace.state.MergeHistory`)."""
         return flatten(self.readout(state, ctx.rank, ctx.scaling), state.head)
 
     def client_view(
@@ -180,31 +180,19 @@ class Method(ABC):
         keep their initial value (ffa's A, fedsa's B), and so does the head when it does not travel
         (fedsa). Merged base weights are the runner's to add (``residual``).
         """
-        factors = {
-            module: (received.get(f"lora_B/{module}", B), received.get(f"lora_A/{module}", A))
-            for module, (B, A) in initial.factors.items()
-        }
-        any_factor = any(key.startswith(("lora_B/", "lora_A/")) for key in received)
+        factors, head, extras = unflatten(received, initial.factors)
         return GlobalState(
             factors=factors,
-            head={name: received.get(f"head/{name}", t) for name, t in initial.head.items()},
-            scaling=ctx.scaling if any_factor else initial.scaling,
-            extras={k.removeprefix("extra/"): t for k, t in received.items() if k.startswith("extra/")},
+            head={name: head.get(name, t) for name, t in initial.head.items()},
+            scaling=ctx.scaling if carries_factors(received) else initial.scaling,
+            extras=extras,
             round=ctx.round_index - 1,
         )
 
     def uplink(self, update: ClientUpdate) -> dict[str, Tensor]:
         """The tensors a client sends back: the factors it trained, its head and any extras."""
         trained = update.trained if update.trained is not None else self.trains
-        flat: dict[str, Tensor] = {}
-        for name, (B, A) in update.factors.items():
-            if "B" in trained:
-                flat[f"lora_B/{name}"] = B
-            if "A" in trained:
-                flat[f"lora_A/{name}"] = A
-        flat.update({f"head/{k}": v for k, v in update.head.items()})
-        flat.update({f"extra/{k}": v for k, v in update.extras.items()})
-        return flat
+        return flatten(update.factors, update.head, update.extras, sides=trained)
 
     # --- server side ---------------------------------------------------------------------------
 

@@ -52,7 +52,7 @@ from fedsubspace.methods.base import (
 )
 from fedsubspace.methods.common import average_heads, exact_sum, merged_residual
 from fedsubspace.methods.privacy import Support, individual_uploads
-from fedsubspace.state import ClientUpdate, Factors, GlobalState
+from fedsubspace.state import ClientUpdate, Factors, GlobalState, flatten
 
 Tensor = torch.Tensor
 MOMENT_FLOOR = 1e-12  # the eps of max(eps, V Phi Phi^T): second moments stay positive
@@ -212,9 +212,8 @@ class FedGaLore(TruncatingReadout, Method):
         )
 
     def downlink(self, state: GlobalState, ctx: ClientContext) -> dict[str, Tensor]:
-        flat = {f"head/{k}": v for k, v in state.head.items()}
-        flat.update({f"extra/{k}": v for k, v in state.extras.items() if k.startswith("fedgalore/phi/")})
-        return flat
+        phi = {k: v for k, v in state.extras.items() if k.startswith("fedgalore/phi/")}
+        return flatten({}, state.head, phi)
 
     def aggregate(self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]) -> GlobalState:
         merges, extras = {}, {}

@@ -23,7 +23,7 @@ from fedsubspace.methods.base import (
 )
 from fedsubspace.methods.common import weighted_sum
 from fedsubspace.methods.privacy import summed_upload
-from fedsubspace.state import ClientUpdate, GlobalState
+from fedsubspace.state import ClientUpdate, GlobalState, flatten
 
 Tensor = torch.Tensor
 
@@ -55,10 +55,10 @@ class FedSA(Method):
         return plan
 
     def downlink(self, state: GlobalState, ctx: ClientContext) -> dict[str, Tensor]:
-        return {f"lora_A/{module}": A for module, (_, A) in state.factors.items()}
+        return flatten(state.factors, {}, sides=("A",))
 
     def uplink(self, update: ClientUpdate) -> dict[str, Tensor]:
-        return {f"lora_A/{module}": A for module, (_, A) in update.factors.items()}
+        return flatten(update.factors, {}, sides=("A",))
 
     def aggregate(self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]) -> GlobalState:
         factors = {

@@ -12,7 +12,7 @@ import torch
 from fedsubspace.methods.base import ClientContext, Method, register
 from fedsubspace.methods.common import average_heads, weighted_sum
 from fedsubspace.methods.privacy import summed_upload
-from fedsubspace.state import ClientUpdate, GlobalState
+from fedsubspace.state import ClientUpdate, GlobalState, flatten
 
 Tensor = torch.Tensor
 
@@ -24,9 +24,7 @@ class FFA(Method):
     trains = frozenset({"B"})
 
     def downlink(self, state: GlobalState, ctx: ClientContext) -> dict[str, Tensor]:
-        flat = {f"lora_B/{module}": B for module, (B, _) in state.factors.items()}
-        flat.update({f"head/{k}": v for k, v in state.head.items()})
-        return flat
+        return flatten(state.factors, state.head, sides=("B",))
 
     def aggregate(self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]) -> GlobalState:
         factors = {

@@ -20,7 +20,7 @@ from fedsubspace.methods.base import ClientContext, Method, TruncatingReadout, r
 from fedsubspace.methods.common import average_heads, exact_sum, merged_residual
 from fedsubspace.methods.privacy import individual_uploads
 from fedsubspace.seeding import REINIT, stream_seed
-from fedsubspace.state import ClientUpdate, Factors, GlobalState
+from fedsubspace.state import ClientUpdate, Factors, GlobalState, flatten
 
 Tensor = torch.Tensor
 DRAWN = "flora/drawn"  # extras: the round whose fresh adapter the state holds (absent: the initial one)
@@ -34,10 +34,8 @@ class FLoRA(TruncatingReadout, Method):
     merges_into_base = True
 
     def downlink(self, state: GlobalState, ctx: ClientContext) -> dict[str, Tensor]:
-        flat = {f"head/{k}": v for k, v in state.head.items()}
-        if DRAWN in state.extras:
-            flat[f"extra/{DRAWN}"] = state.extras[DRAWN]
-        return flat
+        drawn = {DRAWN: state.extras[DRAWN]} if DRAWN in state.extras else {}
+        return flatten({}, state.head, drawn)
 
     def fresh_adapter(self, template: Factors, round_index: int) -> Factors:
         """The adapter every client starts from after round ``round_index``: B zero, A drawn afresh."""
