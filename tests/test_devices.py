@@ -21,7 +21,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from fedsubspace import placement
-from fedsubspace.client import TrainableModel, client_context, run_round
+from fedsubspace.adapters import TrainableModel
+from fedsubspace.client import client_context, run_round
 from fedsubspace.experiment import local_schedule, method_options, prepare
 from fedsubspace.methods import METHODS, get_method
 from fedsubspace.state import ClientUpdate

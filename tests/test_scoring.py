@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedsubspace.adapters import add_lora, lora_parameters
 from fedsubspace.errors import UserError
-from fedsubspace.models import LoadedModel, add_lora, fetch_model, load_model, lora_parameters
+from fedsubspace.models import LoadedModel, fetch_model, load_model
 from fedsubspace.scoring import (
     Encoded,
     choice_scores,

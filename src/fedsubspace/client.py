@@ -18,18 +18,18 @@ which engine or process runs the client.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedsubspace.methods import ClientContext, LiveParameters, LocalSchedule, Method
+from fedsubspace.adapters import TrainableModel
+from fedsubspace.experiment import Experiment
+from fedsubspace.methods import ClientContext, LocalSchedule, Method
 from fedsubspace.placement import (
-    Placement,
     state_to_client,
     tensors_to_client,
     tensors_to_server,
@@ -41,15 +41,10 @@ from fedsubspace.scoring import Encoded, EvalResult, autocast, choice_scores, co
 from fedsubspace.seeding import DATA_ORDER, DP_NOISE, DROPOUT, stream_seed
 from fedsubspace.state import ClientUpdate, GlobalState
 
-if TYPE_CHECKING:  # the experiment holds a TrainableModel: a runtime import would be a cycle
-    from fedsubspace.experiment import Experiment
-
 Tensor = torch.Tensor
 
 __all__ = [
-    "Adapter",
     "ClientRound",
-    "TrainableModel",
     "client_context",
     "evaluate_loaded",
     "evaluate_personal",
@@ -57,131 +52,6 @@ __all__ = [
     "run_round",
     "train_client",
 ]
-
-
-@dataclass
-class Adapter:
-    """One PEFT adapter (one LoRA rank), its parameters mapped once: module -> (B, A), head name -> tensor."""
-
-    name: str
-    rank: int
-    scaling: float
-    factors: dict[str, tuple[nn.Parameter, nn.Parameter]]
-    head: dict[str, nn.Parameter]
-
-
-class TrainableModel:
-    """A model with one adapter per client rank, and the frozen weights of the adapted modules.
-
-    ``select`` switches the model's active adapter by name (PEFT's ``set_adapter``). With
-    ``keep_pristine`` a copy of the adapted modules' original weights W0 is kept, so that the base
-    weights can always be set to exactly ``W0 + residual`` (methods that merge into the base) and reset
-    after a client trained them (fedgalore).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        kind: str,
-        adapters: Mapping[int, Adapter],
-        base: Mapping[str, nn.Parameter],
-        device: torch.device,
-        select: Callable[[str], None],
-        *,
-        global_rank: int,
-        keep_pristine: bool = False,
-        autocast: str | None = None,
-    ) -> None:
-        self.model, self.kind, self.device = model, kind, device
-        self.autocast = autocast  # forward passes under torch.autocast in this dtype (None: off)
-        self.adapters, self.base = dict(adapters), dict(base)
-        self.global_rank = global_rank
-        self._select = select
-        self.active = global_rank
-        self.pristine = {n: w.detach().clone() for n, w in self.base.items()} if keep_pristine else None
-
-    @property
-    def placement(self) -> Placement:
-        """Where client rounds compute: the device and dtype of the adapter parameters."""
-        B, _ = next(iter(self.adapters[self.global_rank].factors.values()))
-        return Placement(B.device, B.dtype)
-
-    @property
-    def adapter(self) -> Adapter:
-        return self.adapters[self.active]
-
-    @property
-    def factors(self) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
-        return self.adapter.factors
-
-    @property
-    def head(self) -> dict[str, nn.Parameter]:
-        return self.adapter.head
-
-    def activate(self, rank: int) -> Adapter:
-        if rank != self.active:
-            self._select(self.adapters[rank].name)
-            self.active = rank
-        return self.adapter
-
-    def load_weights(
-        self,
-        factors: Mapping[str, tuple[Tensor, Tensor]],
-        head: Mapping[str, Tensor],
-        residual: Mapping[str, Tensor],
-    ) -> None:
-        """Copy an adapter and head into the active adapter, and ``W0 + residual`` into the base."""
-        if residual and self.pristine is None:
-            raise RuntimeError("a state with a merged residual needs TrainableModel(keep_pristine=True)")
-        with torch.no_grad():
-            for name, (B, A) in self.factors.items():
-                B_g, A_g = factors[name]
-                B.copy_(B_g)
-                A.copy_(A_g)
-            for name, param in self.head.items():
-                param.copy_(head[name])
-            if self.pristine is not None:
-                for name, weight in self.base.items():
-                    delta = residual.get(name)
-                    weight.copy_(
-                        self.pristine[name] if delta is None else self.pristine[name] + delta.to(weight)
-                    )
-
-    def load(self, state: GlobalState) -> None:
-        """The global model: the adapter of the state's rank, its head and the merged base weights."""
-        self.activate(state.rank)
-        self.load_weights(state.factors, state.head, state.residual)
-
-    def freeze(self) -> None:
-        """Nothing trains until the method's plan says so (PEFT marks an activated adapter trainable)."""
-        for B, A in self.factors.values():
-            B.requires_grad_(False)
-            A.requires_grad_(False)
-        for param in [*self.head.values(), *self.base.values()]:
-            param.requires_grad_(False)
-
-    @contextmanager
-    def merged(self) -> Iterator[None]:
-        """The active adapter folded into the base weights (``W + s B A``, PEFT's ``merge_adapter``) for
-        inference: a forward then costs what the base model's does. The weights are restored bit for bit
-        afterwards from a copy (unmerging by subtraction would leave rounding in W round after round)."""
-        saved = {name: w.detach().clone() for name, w in self.base.items()}
-        self.model.merge_adapter()
-        try:
-            yield
-        finally:
-            self.model.unmerge_adapter()  # PEFT's bookkeeping: the layers use their adapters again
-            with torch.no_grad():
-                for name, weight in self.base.items():
-                    weight.copy_(saved[name])
-
-    def live(self) -> LiveParameters:
-        return LiveParameters(factors=self.factors, head=self.head, base=self.base)
-
-    def snapshot(self) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
-        """The active adapter and head as the server keeps them (CPU copies)."""
-        factors = {name: (to_server(B), to_server(A)) for name, (B, A) in self.factors.items()}
-        return factors, tensors_to_server(self.head)
 
 
 def example_stream(indices: list[int], rng: np.random.Generator) -> Iterator[int]:

@@ -9,30 +9,21 @@ being the adapter of the global model.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 
 import datasets
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from fedsubspace.client import Adapter, TrainableModel
+from fedsubspace.adapters import LoraSpec, TrainableModel, adapt
 from fedsubspace.config import ExperimentConfig, client_ranks
 from fedsubspace.data import partition_indices, partition_stats
 from fedsubspace.errors import UserError
 from fedsubspace.methods import METHODS, LocalSchedule, MethodOptions
-from fedsubspace.models import (
-    add_lora,
-    head_parameters,
-    load_model,
-    lora_parameters,
-    lora_scaling,
-    resolve_device,
-)
+from fedsubspace.models import LoadedModel, load_model, resolve_device
 from fedsubspace.scoring import Encoded
-from fedsubspace.seeding import ADAPTERS, HOLDOUT, SAMPLING, stream_seed
+from fedsubspace.seeding import HOLDOUT, SAMPLING, stream_seed
 from fedsubspace.state import GlobalState
 from fedsubspace.tasks import TASKS
 
@@ -83,48 +74,16 @@ def local_schedule(config: ExperimentConfig) -> LocalSchedule:
     )
 
 
-def adapter_name(rank: int, global_rank: int) -> str:
-    return "default" if rank == global_rank else f"rank{rank}"
-
-
-def add_rank_adapters(
-    peft_model: PeftModel, config: ExperimentConfig, ranks: list[int], targets: list[str]
-) -> None:
-    """One more adapter per client rank below the global one (PEFT's ``default`` adapter has that)."""
-    global_rank = max(ranks)
-    reference = peft_model.peft_config["default"]
-    for rank in sorted(set(ranks) - {global_rank}):
-        adapter_config = LoraConfig(
-            r=rank,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=list(targets),
-            modules_to_save=reference.modules_to_save,
-            bias="none",
-        )
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
-            torch.manual_seed(stream_seed(config.seed, ADAPTERS, rank))
-            peft_model.add_adapter(adapter_name(rank, global_rank), adapter_config)
-
-
-def map_adapters(peft_model: PeftModel, ranks: list[int]) -> dict[int, Adapter]:
-    """Parameter maps of every adapter, built once (PEFT maps the active adapter, so each is activated)."""
-    global_rank = max(ranks)
-    adapters = {}
-    for rank in sorted(set(ranks)):
-        name = adapter_name(rank, global_rank)
-        peft_model.set_adapter(name)
-        factors = {module: (B, A) for module, (A, B) in lora_parameters(peft_model).items()}
-        adapters[rank] = Adapter(name, rank, lora_scaling(peft_model), factors, head_parameters(peft_model))
-    peft_model.set_adapter(adapter_name(global_rank, global_rank))
-    return adapters
-
-
-def base_weights(peft_model: PeftModel, modules: list[str]) -> dict[str, torch.nn.Parameter]:
-    """The frozen weights (out x in) under the adapters of ``modules``, keyed like the adapters."""
-    wrapped = peft_model.base_model.model
-    return {module: wrapped.get_submodule(module).base_layer.weight for module in modules}
+def lora_spec(config: ExperimentConfig, loaded: LoadedModel, ranks: list[int]) -> LoraSpec:
+    """The adapters ``config`` puts on ``loaded``: one per client rank in ``ranks``."""
+    return LoraSpec(
+        ranks=ranks,
+        alpha=config.lora_alpha,
+        dropout=config.lora_dropout,
+        target_modules=config.target_modules or loaded.target_modules,
+        modules_to_save=loaded.head_modules,
+        seed=config.seed,
+    )
 
 
 def split_holdouts(
@@ -204,27 +163,11 @@ def prepare(config: ExperimentConfig) -> Experiment:
         encoder_head=task.encoder_head(config),
     )
     ranks = client_ranks(config)
-    targets = config.target_modules or loaded.target_modules
-    peft_model = add_lora(
+    trainable = adapt(
         loaded.model,
         loaded.kind,
-        rank=max(ranks),
-        alpha=config.lora_alpha,
-        dropout=config.lora_dropout,
-        target_modules=targets,
-        seed=config.seed,
-        modules_to_save=loaded.head_modules,
-    )
-    add_rank_adapters(peft_model, config, ranks, targets)
-    adapters = map_adapters(peft_model, ranks)
-    trainable = TrainableModel(
-        model=peft_model,
-        kind=loaded.kind,
-        adapters=adapters,
-        base=base_weights(peft_model, list(adapters[max(ranks)].factors)),
+        lora_spec(config, loaded, ranks),
         device=device,
-        select=peft_model.set_adapter,
-        global_rank=max(ranks),
         keep_pristine=method.merges_into_base,
         autocast=config.autocast,
     )

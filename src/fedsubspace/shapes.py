@@ -1,22 +1,16 @@
-"""Random-weight models of a named architecture's size, built offline: what a round costs at that size.
+"""Named architecture sizes for random-weight models built offline: what a round costs at that size.
 
 ``random-roberta-large`` has RoBERTa-large's layers, widths and vocabulary (355M parameters) and
-``random-smollm-360m`` SmolLM-360M's, with random weights and the project's byte tokenizer (token ids stay
-below the byte vocabulary; the embedding table keeps the real model's size). They learn nothing: they are
-for timing and memory (``fedsubspace bench round --shape NAME``) where the real weights are not at hand.
-The shapes are those of the models' published configs.
+``random-smollm-360m`` SmolLM-360M's, with random weights and the project's byte tokenizer (built by
+:func:`fedsubspace.models.builders.build_shape`). They learn nothing: they are for timing and memory
+(``fedsubspace bench round --shape NAME``) where the real weights are not at hand. The shapes are those of
+the models' published configs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-
-import torch
-from transformers import AutoModelForCausalLM, AutoModelForMultipleChoice, LlamaConfig, RobertaConfig
-
-from fedsubspace.errors import UserError
-from fedsubspace.models import ENCODER_HEAD, LoadedModel, load_model
 
 PREFIX = "random-"
 
@@ -95,21 +89,3 @@ def shape_name(model: str) -> str | None:
 
 def shape_models() -> list[str]:
     return [PREFIX + name for name in SHAPES]
-
-
-def build_shape(name: str, torch_dtype: torch.dtype, load_in_4bit: bool) -> LoadedModel:
-    """The random model of shape ``name`` with the byte tokenizer of the tiny preset of its kind."""
-    if load_in_4bit:
-        raise UserError(f"{PREFIX}{name} has random weights: load_in_4bit is for real models")
-    shape = SHAPES[name]
-    tokenizer = load_model(f"tiny-{shape.kind}", shape.kind, device="cpu").tokenizer
-    if shape.kind == "encoder":
-        config = RobertaConfig(**shape.sizes, pad_token_id=tokenizer.pad_token_id)
-        model = AutoModelForMultipleChoice.from_config(config, dtype=torch_dtype)
-        head_modules = [ENCODER_HEAD]
-    else:
-        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-        config = LlamaConfig(**shape.sizes, pad_token_id=tokenizer.pad_token_id, **ids)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-        head_modules = []
-    return LoadedModel(model, tokenizer, shape.kind, list(shape.target_modules), head_modules)

@@ -17,12 +17,12 @@ import yaml
 from peft import PeftModel
 from safetensors import SafetensorError
 
-from fedsubspace.client import TrainableModel
+from fedsubspace.adapters import TrainableModel, adapt
 from fedsubspace.config import ExperimentConfig, build_config
 from fedsubspace.errors import UserError
-from fedsubspace.experiment import base_weights, map_adapters, method_options
+from fedsubspace.experiment import lora_spec, method_options
 from fedsubspace.methods import get_method
-from fedsubspace.models import LoadedModel, add_lora, load_model
+from fedsubspace.models import LoadedModel, load_model
 from fedsubspace.results import CONFIG, ERROR, LAST, Status, read_metrics, status
 from fedsubspace.state import Factors, GlobalState, load_state
 
@@ -139,26 +139,8 @@ def rebuild(config: ExperimentConfig, state: GlobalState, factors: Factors, *, d
     """The run's model with ``factors`` (one adapter, their rank), ``state``'s head and merged residual."""
     loaded = load_base(config, device)
     rank = next(iter(factors.values()))[0].shape[-1]
-    peft_model = add_lora(
-        loaded.model,
-        loaded.kind,
-        rank=rank,
-        alpha=config.lora_alpha,
-        dropout=config.lora_dropout,
-        target_modules=config.target_modules or loaded.target_modules,
-        seed=config.seed,
-        modules_to_save=loaded.head_modules,
-    )
-    adapters = map_adapters(peft_model, [rank])
-    tm = TrainableModel(
-        model=peft_model,
-        kind=loaded.kind,
-        adapters=adapters,
-        base=base_weights(peft_model, list(adapters[rank].factors)),
-        device=next(peft_model.parameters()).device,
-        select=peft_model.set_adapter,
-        global_rank=rank,
-        keep_pristine=bool(state.residual),
-    )
+    spec = lora_spec(config, loaded, [rank])
+    device_of_model = next(loaded.model.parameters()).device
+    tm = adapt(loaded.model, loaded.kind, spec, device=device_of_model, keep_pristine=bool(state.residual))
     tm.load_weights(factors, state.head, state.residual)
-    return TrainedModel(peft_model, loaded, tm)
+    return TrainedModel(tm.model, loaded, tm)

