@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from fedsubspace.client import train_client
 from fedsubspace.config import ExperimentConfig
+from fedsubspace.configure import build_method
 from fedsubspace.errors import UserError
-from fedsubspace.experiment import local_schedule, method_options, prepare, sample_clients
-from fedsubspace.methods import get_method
+from fedsubspace.experiment import local_schedule, prepare, sample_clients
 from fedsubspace.predictions import write_predictions
 from fedsubspace.privacy.run import RunPrivacy
 from fedsubspace.results import PARTITION_STATS, Memories, ResumePoint, RunDirectory, claim
@@ -83,7 +83,7 @@ def _run(
     run_dir.write_json(PARTITION_STATS, exp.partition_stats)
     tm, method, schedule = (
         exp.trainable,
-        get_method(config.method, method_options(config)),
+        build_method(config),
         local_schedule(config),
     )
 
