@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -119,7 +120,7 @@ class ProjectedAdam(torch.optim.Optimizer):
             st["N"] += update
             oriented(weight, right).add_((P @ update).to(weight.dtype))
 
-    def _start(self, name: str, gradient: Tensor) -> dict:
+    def _start(self, name: str, gradient: Tensor) -> dict[str, Any]:
         rank = min(self.rank, *gradient.shape)
         P = torch.linalg.svd(gradient, full_matrices=False)[0][:, :rank]
         moments = torch.zeros(rank, gradient.shape[1], dtype=gradient.dtype, device=gradient.device)
@@ -148,7 +149,7 @@ def _phi_key(module: str) -> str:
 class FedGaLoreOptions:
     fedgalore_angle_threshold: float = Option(
         60.0,
-        "principal-angle threshold (degrees) of the joint-subspace extraction of second moments",
+        "principal-angle threshold of the joint-subspace extraction of second moments, in degrees",
         Check(lambda value: 0.0 < value <= 90.0, "must be in (0, 90] degrees"),
     ).field()
 

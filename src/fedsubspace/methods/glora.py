@@ -45,8 +45,8 @@ def _keys(module: str) -> tuple[str, str]:
 class GLoRAOptions:
     glora_server_rank: int | str | None = Option(
         None,
-        "rank of the server's consensus subspace: an integer, union (the sum of the client ranks: exact) "
-        "or null (the largest client rank)",
+        "rank of the server's consensus subspace; union: the sum of the client ranks (exact), null: the "
+        "largest client rank",
         Check(
             lambda value: value is None or value == "union" or (isinstance(value, int) and value >= 1),
             "must be a positive integer, union, or null (the largest client rank)",

@@ -61,7 +61,9 @@ MAX_UPDATE_NORM = Option(
     Check(lambda value: value is None or value > 0, "must be positive (or null to disable)"),
 )
 PRESERVE_NORM = Option(
-    True, "rescale the rank-r truncation of the aggregated update to the Frobenius norm of the update itself"
+    True,
+    "rescale the rank-r truncation of the aggregated update to the update's own Frobenius norm (as the "
+    "reference implementation does)",
 )
 
 

@@ -56,7 +56,7 @@ class SubspaceRegularizer:
         self.scaling = state.scaling
         self.num_modules = len(state.factors)
         # Modules of one shape are stacked so each step costs a few batched matmuls, not a Python loop.
-        groups: dict[tuple, list[str]] = {}
+        groups: dict[tuple[tuple[int, ...], tuple[int, ...]], list[str]] = {}
         for name, (B, A) in state.factors.items():
             groups.setdefault((tuple(B.shape), tuple(A.shape)), []).append(name)
         self.groups = []
