@@ -89,8 +89,9 @@ class ExperimentConfig:
     # Evaluate with the adapter merged into the weights (the base model's cost; the same scores to float
     # rounding, the weights restored exactly after). Off: the adapters run beside the weights, as in training.
     merged_eval: bool = False
-    # Method hyperparameters by config key (mu, alpha, ...): every method's, each declared in its method's
-    # file (fedsubspace.methods.options); written among the other keys, in this place.
+    # Method hyperparameters by config key (mu, alpha, ...), each declared in its method's file
+    # (fedsubspace.methods.options): every method's, as fedsubspace.configure fills them (a key missing here
+    # is read at its default). to_dict writes them among the other keys, in this place.
     method_options: dict[str, Any] = field(default_factory=dict)
     holdout_fraction: float = 0.2  # personalised methods (fedsa): share of each partition held out
     # live view of the run: tensorboard (event files under the results directory) or none
@@ -115,7 +116,10 @@ class ExperimentConfig:
         """The config as its keys, the method options among them (as a config file writes them)."""
         flat: dict[str, Any] = {}
         for key, value in dataclasses.asdict(self).items():
-            flat.update(value if key == "method_options" else {key: value})
+            if key == "method_options":
+                flat.update(value)
+            else:
+                flat[key] = value
         return flat
 
 
@@ -231,7 +235,7 @@ def client_ranks(c: ExperimentConfig) -> list[int]:
         return [c.lora_rank] * c.num_clients
     if isinstance(c.client_ranks, str):
         match = _CYCLE.fullmatch(c.client_ranks.strip())
-        _require(
+        require(
             match is not None,
             f"client_ranks must list one rank per client or be cycle(r1,r2,...), got {c.client_ranks!r}",
         )
@@ -239,16 +243,16 @@ def client_ranks(c: ExperimentConfig) -> list[int]:
         cycle = [int(r) for r in match.group(1).split(",")]
         ranks = [cycle[i % len(cycle)] for i in range(c.num_clients)]
     else:
-        _require(
+        require(
             len(c.client_ranks) == c.num_clients,
             f"client_ranks lists {len(c.client_ranks)} ranks but num_clients is {c.num_clients}",
         )
         ranks = list(c.client_ranks)
-    _require(all(r >= 1 for r in ranks), "client_ranks must all be at least 1")
+    require(all(r >= 1 for r in ranks), "client_ranks must all be at least 1")
     return ranks
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
     if not condition:
         raise UserError(message)
 
@@ -258,48 +262,48 @@ def check(c: ExperimentConfig) -> None:
     it with those that need the methods, models, tasks and trackers)."""
     if c.task == "classification":
         names = c.label_names or []
-        _require(
+        require(
             len(names) >= 2 and len(set(names)) == len(names),
             f"task classification needs label_names: at least 2 distinct names, got {c.label_names!r}",
         )
-        _require(
+        require(
             c.label_words is None or (len(c.label_words) == len(names) and all(c.label_words)),
             f"label_words must give one non-empty word per label name ({len(names)}), got {c.label_words!r}",
         )
-    _require(0.0 < c.holdout_fraction < 1.0, "holdout_fraction must be in (0, 1)")
-    _require(c.model_kind in (None, "encoder", "causal"), "model_kind must be encoder or causal")
-    _require(c.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16")
-    _require(c.autocast in (None, "bfloat16"), "autocast must be bfloat16 (or null for off)")
-    _require(
+    require(0.0 < c.holdout_fraction < 1.0, "holdout_fraction must be in (0, 1)")
+    require(c.model_kind in (None, "encoder", "causal"), "model_kind must be encoder or causal")
+    require(c.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16")
+    require(c.autocast in (None, "bfloat16"), "autocast must be bfloat16 (or null for off)")
+    require(
         c.autocast is None or c.dtype == "float32",
         "autocast keeps float32 weights and computes in bfloat16: set dtype=float32 (or drop autocast)",
     )
-    _require(
+    require(
         re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", c.device) is not None,
         "device must be auto, cpu or cuda[:N]",
     )
-    _require(
+    require(
         not (c.merged_eval and c.load_in_4bit),
         "merged_eval cannot merge adapters into 4-bit weights exactly: drop merged_eval or load_in_4bit",
     )
-    _require(c.partition in ("iid", "dirichlet"), "partition must be iid or dirichlet")
-    _require(0.0 < c.client_fraction <= 1.0, "client_fraction must be in (0, 1]")
+    require(c.partition in ("iid", "dirichlet"), "partition must be iid or dirichlet")
+    require(0.0 < c.client_fraction <= 1.0, "client_fraction must be in (0, 1]")
     for key in ("lora_rank", "max_length", "num_clients", "num_rounds", "max_local_steps", "batch_size"):
-        _require(getattr(c, key) >= 1, f"{key} must be at least 1")
+        require(getattr(c, key) >= 1, f"{key} must be at least 1")
     for key in ("gradient_accumulation_steps", "eval_batch_size", "min_partition_size"):
-        _require(getattr(c, key) >= 1, f"{key} must be at least 1")
+        require(getattr(c, key) >= 1, f"{key} must be at least 1")
     client_ranks(c)
     for key in ("lora_alpha", "learning_rate", "dirichlet_alpha"):
-        _require(getattr(c, key) > 0, f"{key} must be positive")
-    _require(c.weight_decay >= 0, "weight_decay must not be negative")
-    _require(0.0 <= c.lora_dropout < 1.0, "lora_dropout must be in [0, 1)")
-    _require(
+        require(getattr(c, key) > 0, f"{key} must be positive")
+    require(c.weight_decay >= 0, "weight_decay must not be negative")
+    require(0.0 <= c.lora_dropout < 1.0, "lora_dropout must be in [0, 1)")
+    require(
         c.max_grad_norm is None or c.max_grad_norm > 0, "max_grad_norm must be positive (or null to disable)"
     )
-    _require(c.eval_seed is None or c.eval_seed >= 0, "eval_seed must be a non-negative integer (or null)")
+    require(c.eval_seed is None or c.eval_seed >= 0, "eval_seed must be a non-negative integer (or null)")
     for key in ("max_train_samples", "max_eval_samples"):
         value = getattr(c, key)
-        _require(value is None or value >= 1, f"{key} must be at least 1 (or null for all)")
+        require(value is None or value >= 1, f"{key} must be at least 1 (or null for all)")
     check_privacy(c)
 
 
@@ -307,25 +311,25 @@ def check_privacy(c: ExperimentConfig) -> None:
     """The privacy keys make sense together (whether the method honours them: configure.validate)."""
     for key in ("dp_max_grad_norm", "dp_noise_multiplier", "dp_epsilon", "dp_client_clip"):
         value = getattr(c, key)
-        _require(value is None or value > 0, f"{key} must be positive (or null: off)")
+        require(value is None or value > 0, f"{key} must be positive (or null: off)")
     for key in ("dp_client_noise_multiplier", "dp_client_epsilon"):
         value = getattr(c, key)
-        _require(value is None or value > 0, f"{key} must be positive (or null: off)")
-    _require(0.0 < c.dp_delta < 1.0, "dp_delta must be in (0, 1)")
+        require(value is None or value > 0, f"{key} must be positive (or null: off)")
+    require(0.0 < c.dp_delta < 1.0, "dp_delta must be in (0, 1)")
     for clip, noise, target, mechanism in (
         ("dp_max_grad_norm", "dp_noise_multiplier", "dp_epsilon", "DP-SGD"),
         ("dp_client_clip", "dp_client_noise_multiplier", "dp_client_epsilon", "client-level DP"),
     ):
         on = getattr(c, clip) is not None
         given = [key for key in (noise, target) if getattr(c, key) is not None]
-        _require(on or not given, f"{given[0] if given else ''} needs {clip} (the clip norm of {mechanism})")
-        _require(not on or len(given) == 1, f"{mechanism} ({clip}) needs exactly one of {noise} or {target}")
-    _require(
+        require(on or not given, f"{given[0] if given else ''} needs {clip} (the clip norm of {mechanism})")
+        require(not on or len(given) == 1, f"{mechanism} ({clip}) needs exactly one of {noise} or {target}")
+    require(
         not (c.secagg and c.dp_client_clip is not None),
         "dp_client_clip with secagg: client-level DP clips each upload on the server, which SecAgg+ hides "
         "from it; use one of them (DP-SGD combines with SecAgg+)",
     )
-    _require(
+    require(
         not c.secagg or round(c.client_fraction * c.num_clients) >= 2,
         "secagg needs at least 2 clients a round (client_fraction x num_clients): one client's sum is itself",
     )

@@ -21,6 +21,7 @@ from fedsubspace.config import (
     check,
     client_ranks,
     coerce,
+    require,
     written_values,
 )
 from fedsubspace.errors import UserError
@@ -72,26 +73,21 @@ def build_method(config: ExperimentConfig) -> Method:
     return get_method(config.method, config.method_options, config.seed)
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise UserError(message)
-
-
 def validate(c: ExperimentConfig) -> None:
     """Every check that can fail before any work starts: the core keys' own (config.check) and those that
     need the methods, models, tasks and trackers."""
-    _require(c.method in METHODS, f"unknown method {c.method!r}; choose one of: {', '.join(sorted(METHODS))}")
-    _require(c.task in TASKS, f"unknown task {c.task!r}; choose one of: {', '.join(TASKS)}")
+    require(c.method in METHODS, f"unknown method {c.method!r}; choose one of: {', '.join(sorted(METHODS))}")
+    require(c.task in TASKS, f"unknown task {c.task!r}; choose one of: {', '.join(TASKS)}")
     for key, declared in declared_options().items():
         declared.option.validate(key, c.method_options[key])
     check(c)
-    _require(c.tracker in TRACKERS, f"tracker must be {' or '.join(TRACKERS)}, got {c.tracker!r}")
-    _require(
+    require(c.tracker in TRACKERS, f"tracker must be {' or '.join(TRACKERS)}, got {c.tracker!r}")
+    require(
         c.tracker != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
         "tracker: tensorboard needs the tensorboard package (pip install tensorboard), or set tracker: none",
     )
     looks_like_path_or_id = "/" in c.model or Path(c.model).expanduser().exists()
-    _require(
+    require(
         c.model in PRESETS or c.model in shape_models() or looks_like_path_or_id,
         f"unknown model {c.model!r}: use a preset ({', '.join(PRESETS)}), a random-weight shape "
         f"({', '.join(shape_models())}), a local directory or a hub id",
@@ -99,21 +95,21 @@ def validate(c: ExperimentConfig) -> None:
     validate_quantization(c.load_in_4bit, c.device)
     validate_dtype(c.dtype, c.device)
     method = METHODS[c.method]
-    _require(
+    require(
         len(set(client_ranks(c))) == 1 or method.heterogeneous_ranks,
         f"method {c.method!r} cannot serve mixed client_ranks; methods that can: "
         f"{', '.join(heterogeneous_methods())}",
     )
     support = method.privacy
-    _require(
+    require(
         c.dp_max_grad_norm is None or support.dp_sgd.ok,
         f"method {c.method!r} cannot run under DP-SGD: {support.dp_sgd.why}",
     )
-    _require(
+    require(
         c.dp_client_clip is None or support.client_dp.ok,
         f"method {c.method!r} cannot run under client-level DP: {support.client_dp.why}",
     )
-    _require(
+    require(
         not c.secagg or support.secagg.ok,
         f"method {c.method!r} cannot run under SecAgg+: {support.secagg.why}",
     )
