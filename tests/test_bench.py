@@ -11,7 +11,7 @@ from test_simulation import FIXTURE, ROOT
 
 from fedsubspace.bench import causal_eval
 from fedsubspace.cli import main
-from fedsubspace.config import load_config
+from fedsubspace.configure import load_config
 from fedsubspace.scoring import EvalResult
 
 TINY = ["--config", str(ROOT / "configs" / "tiny-causal.yaml"), "--set", f"dataset={FIXTURE}"]

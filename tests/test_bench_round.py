@@ -10,7 +10,7 @@ from test_simulation import FIXTURE, ROOT
 
 from fedsubspace import shapes
 from fedsubspace.cli import main
-from fedsubspace.config import load_config
+from fedsubspace.configure import load_config
 from fedsubspace.experiment import prepare
 
 PAPER_TARGETS = {

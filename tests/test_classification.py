@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification
 
 from fedsubspace import simulation
 from fedsubspace.cli import main
-from fedsubspace.config import load_config
+from fedsubspace.configure import load_config
 from fedsubspace.data import ClassificationFields, load_classification, partition_indices, partition_stats
 from fedsubspace.errors import UserError
 from fedsubspace.methods import METHODS

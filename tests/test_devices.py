@@ -23,8 +23,9 @@ from torch.utils._pytree import tree_flatten
 from fedsubspace import placement
 from fedsubspace.adapters import TrainableModel
 from fedsubspace.client import client_context, run_round
-from fedsubspace.experiment import local_schedule, method_options, prepare
-from fedsubspace.methods import METHODS, get_method
+from fedsubspace.configure import build_method
+from fedsubspace.experiment import local_schedule, prepare
+from fedsubspace.methods import METHODS
 from fedsubspace.state import ClientUpdate
 
 Tensor = torch.Tensor
@@ -111,7 +112,7 @@ def test_client_round_never_mixes_devices(method: str, monkeypatch: pytest.Monke
     config = tiny("tiny-encoder", method, "max_local_steps=4", "gradient_accumulation_steps=2", *mixed)
     exp = prepare(config)
     tm, schedule = exp.trainable, local_schedule(config)
-    rule = get_method(method, method_options(config))
+    rule = build_method(config)
     memories: dict[int, dict[str, Tensor]] = {0: {}, 1: {}}
 
     def client_round(state, round_index: int, client_id: int) -> ClientUpdate:  # type: ignore[no-untyped-def]

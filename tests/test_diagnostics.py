@@ -10,7 +10,7 @@ from test_methods import make_round
 
 from fedsubspace import lowrank
 from fedsubspace.diagnostics import round_diagnostics
-from fedsubspace.methods import MethodOptions, get_method
+from fedsubspace.methods import get_method
 
 
 def dense_overlap(X: torch.Tensor, Y: torch.Tensor) -> float:
@@ -29,7 +29,7 @@ def dense_overlap(X: torch.Tensor, Y: torch.Tensor) -> float:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_diagnostics_match_dense_definitions(method, seed):
     state, updates, p = make_round(10, 8, 3, 3, seed=seed)
-    new = get_method(method, MethodOptions()).aggregate(state, updates, p)
+    new = get_method(method).aggregate(state, updates, p)
     d = round_diagnostics(updates, p, new)
     s = new.scaling
     modules = list(new.factors)
@@ -63,7 +63,7 @@ def test_diagnostics_match_dense_definitions(method, seed):
 def test_exact_rule_has_zero_aggregation_error_and_identical_clients_no_cancellation():
     state, updates, _ = make_round(12, 9, 2, 1, seed=4)
     twins = [updates[0], updates[0]]
-    new = get_method("svd", MethodOptions(preserve_norm=False)).aggregate(state, twins, [0.5, 0.5])
+    new = get_method("svd", {"preserve_norm": False}).aggregate(state, twins, [0.5, 0.5])
     d = round_diagnostics(twins, [0.5, 0.5], new)
     assert d["aggregation_error"] < 1e-10  # rank-2 clients, rank-2 server: nothing is truncated
     assert d["cancellation_ratio"] == pytest.approx(1.0)

@@ -11,7 +11,7 @@ import pytest
 from peft import PeftModel
 
 from fedsubspace.cli import main
-from fedsubspace.config import load_config
+from fedsubspace.configure import load_config
 from fedsubspace.experiment import load_eval_split
 from fedsubspace.export import export_run
 from fedsubspace.models import load_model

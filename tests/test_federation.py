@@ -12,7 +12,8 @@ from test_simulation import FIXTURE, METRIC_KEYS, ROOT
 from fedsubspace import client as client_module
 from fedsubspace import simulation
 from fedsubspace.cli import main
-from fedsubspace.config import build_config, client_ranks, load_config
+from fedsubspace.config import client_ranks
+from fedsubspace.configure import build_config, load_config
 from fedsubspace.errors import UserError
 from fedsubspace.experiment import prepare, sample_clients
 from fedsubspace.methods import METHODS

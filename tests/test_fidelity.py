@@ -10,10 +10,10 @@ import torch
 import yaml
 from test_methods import dense_average, make_round
 
-from fedsubspace.config import ExperimentConfig, build_config
+from fedsubspace.configure import build_config, defaults
 from fedsubspace.diagnostics import round_diagnostics
 from fedsubspace.errors import UserError
-from fedsubspace.methods import MethodOptions, get_method
+from fedsubspace.methods import get_method
 from fedsubspace.results import written_config_difference
 from fedsubspace.state import ClientUpdate
 
@@ -29,13 +29,11 @@ def fedsvd_round(seed: int):
 def test_fedsvd_applies_max_update_norm_per_module_and_keeps_the_direction(seed):
     state, updates, p = fedsvd_round(seed)
     s = state.scaling
-    free = get_method("fedsvd", MethodOptions()).aggregate(state, updates, p)
+    free = get_method("fedsvd").aggregate(state, updates, p)
     norms = {m: float((s * B @ A).norm()) for m, (B, A) in free.factors.items()}
     bound = 0.5 * min(norms.values())  # binds in every module
-    clipped = get_method("fedsvd", MethodOptions(max_update_norm=bound)).aggregate(state, updates, p)
-    loose = get_method("fedsvd", MethodOptions(max_update_norm=2 * max(norms.values()))).aggregate(
-        state, updates, p
-    )
+    clipped = get_method("fedsvd", {"max_update_norm": bound}).aggregate(state, updates, p)
+    loose = get_method("fedsvd", {"max_update_norm": 2 * max(norms.values())}).aggregate(state, updates, p)
     for module, (B, A) in clipped.factors.items():
         B_bar = sum(w * u.factors[module][0] for w, u in zip(p, updates))
         T = s * B_bar @ state.factors[module][1]  # the dense oracle of the unclipped update
@@ -51,7 +49,7 @@ def test_fedsvd_applies_max_update_norm_per_module_and_keeps_the_direction(seed)
 @pytest.mark.parametrize("seed", [3, 4])
 def test_the_two_aggregate_norms_against_dense_oracles(method, seed):
     state, updates, p = make_round(10, 13, 3, 4, seed=seed, kinds=("full", "deficient", "zero"))
-    new = get_method(method, MethodOptions(preserve_norm=False)).aggregate(state, updates, p)
+    new = get_method(method, {"preserve_norm": False}).aggregate(state, updates, p)
     d = round_diagnostics(updates, p, new)
     s = state.scaling
     new_update = [
@@ -77,8 +75,8 @@ def test_subspace_reg_paper_code_split_gives_the_same_products_and_rescaled_fact
 ):
     state, updates, p = make_round(12, 9, 2, 3, seed=seed)  # rank 2 of a rank-6 average: truncation
     options = {"preserve_norm": preserve_norm, "max_update_norm": max_update_norm}
-    ours = get_method("subspace_reg", MethodOptions(**options)).aggregate(state, updates, p)
-    paper = get_method("subspace_reg", MethodOptions(**options, subspace_reg_split="paper_code")).aggregate(
+    ours = get_method("subspace_reg", options).aggregate(state, updates, p)
+    paper = get_method("subspace_reg", {**options, "subspace_reg_split": "paper_code"}).aggregate(
         state, updates, p
     )
     s = state.scaling
@@ -98,13 +96,16 @@ def test_subspace_reg_paper_code_split_gives_the_same_products_and_rescaled_fact
 
 
 def test_subspace_reg_split_is_validated():
-    assert build_config({"subspace_reg_split": "paper_code"}).subspace_reg_split == "paper_code"
+    assert (
+        build_config({"subspace_reg_split": "paper_code"}).method_options["subspace_reg_split"]
+        == "paper_code"
+    )
     with pytest.raises(UserError, match="subspace_reg_split must be orthonormal or paper_code"):
         build_config({"subspace_reg_split": "rescaled"})
 
 
 def test_a_run_written_before_a_config_key_existed_compares_equal_at_its_default(tmp_path):
-    config = ExperimentConfig().to_dict()
+    config = defaults()
     old = {k: v for k, v in config.items() if k not in ("subspace_reg_split", "eval_seed")}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
     assert written_config_difference(tmp_path, config) is None
@@ -114,7 +115,7 @@ def test_a_run_written_before_a_config_key_existed_compares_equal_at_its_default
 
 def test_cosines_leave_out_a_zero_update_client_and_a_single_client_has_no_pair():
     state, updates, p = make_round(9, 8, 2, 3, seed=8, kinds=("full", "full", "zero"))
-    new = get_method("svd", MethodOptions()).aggregate(state, updates, p)
+    new = get_method("svd").aggregate(state, updates, p)
     d = round_diagnostics(updates, p, new)
     s = state.scaling
     flat = [torch.cat([(s * B @ A).flatten() for B, A in u.factors.values()]) for u in updates]
@@ -131,9 +132,7 @@ def test_cosines_leave_out_a_zero_update_client_and_a_single_client_has_no_pair(
     assert d["client_global_cosine"] != pytest.approx(paper_code_mean)
 
     alone = [updates[0]]
-    single = round_diagnostics(
-        alone, [1.0], get_method("svd", MethodOptions()).aggregate(state, alone, [1.0])
-    )
+    single = round_diagnostics(alone, [1.0], get_method("svd").aggregate(state, alone, [1.0]))
     assert math.isnan(single["pairwise_client_cosine"])  # the paper's code returns 1.0
     assert single["client_global_cosine"] == pytest.approx(1.0)
 
@@ -141,7 +140,7 @@ def test_cosines_leave_out_a_zero_update_client_and_a_single_client_has_no_pair(
 def test_all_zero_clients_give_undefined_cosines_and_ratios():
     state, updates, p = make_round(6, 5, 2, 2, seed=9, kinds=("zero",))
     zeros = [ClientUpdate(u.client_id, u.num_examples, u.factors, u.head, 1.0) for u in updates]
-    d = round_diagnostics(zeros, p, get_method("fedavg", MethodOptions()).aggregate(state, zeros, p))
+    d = round_diagnostics(zeros, p, get_method("fedavg").aggregate(state, zeros, p))
     for key in ("client_global_cosine", "pairwise_client_cosine", "cancellation_ratio", "aggregation_error"):
         assert math.isnan(d[key]), key
     assert d["client_average_norm"] == 0.0

@@ -26,7 +26,7 @@ from test_simulation import FIXTURE, ROOT
 
 from fedsubspace import experiment, simulation
 from fedsubspace.cli import main
-from fedsubspace.config import load_config
+from fedsubspace.configure import load_config
 from fedsubspace.errors import UserError
 from fedsubspace.experiment import sample_clients
 from fedsubspace.flower import client_app, server_app
@@ -40,7 +40,7 @@ from fedsubspace.flower.payload import (
     to_record,
 )
 from fedsubspace.flower.settings import FlowerSettings, app_definition, run_config_defaults
-from fedsubspace.methods import METHODS, MethodOptions, get_method
+from fedsubspace.methods import METHODS, get_method
 from fedsubspace.methods.base import ClientStart
 from fedsubspace.methods.common import merged_residual
 from fedsubspace.results import RunBusy, read_metrics
@@ -362,7 +362,7 @@ def upload_case():
 def test_uploads_are_checked_against_what_the_client_started_from(method, change, problem):
     start, upload = upload_case()
     trained = METHODS[method].trains
-    found = check_upload(get_method(method, MethodOptions()), {**upload, **change}, start, trained, rank=4)
+    found = check_upload(get_method(method), {**upload, **change}, start, trained, rank=4)
     assert found == problem if problem is None else problem in found
 
 

@@ -18,7 +18,7 @@ from test_simulation import FIXTURE, ROOT
 
 from fedsubspace import simulation
 from fedsubspace.cli import main
-from fedsubspace.config import load_config
+from fedsubspace.configure import load_config
 from fedsubspace.experiments.matrix import centralized_config, plan
 from fedsubspace.experiments.report import write_report
 from fedsubspace.results import read_metrics

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedsubspace.methods import METHODS, MethodOptions, get_method
-from fedsubspace.methods.subspace_reg import SubspaceRegularizer
+from fedsubspace.methods import METHODS, get_method
+from fedsubspace.methods.subspace_reg import SubspaceRegOptions, SubspaceRegularizer
 from fedsubspace.state import ClientUpdate, GlobalState
 
 SHAPES = [(12, 9, 3), (7, 20, 4), (16, 16, 8), (5, 6, 8)]  # (m, n, r); the last has r > m
@@ -65,7 +65,7 @@ CASES = [
 @pytest.mark.parametrize("seed", [0, 1])
 def test_fedavg_averages_each_factor(m, n, r, clients, kinds, seed):
     state, updates, p = make_round(m, n, r, clients, seed, kinds)
-    new = get_method("fedavg", MethodOptions()).aggregate(state, updates, p)
+    new = get_method("fedavg").aggregate(state, updates, p)
     for module in state.factors:
         B = sum(w * u.factors[module][0] for w, u in zip(p, updates))
         A = sum(w * u.factors[module][1] for w, u in zip(p, updates))
@@ -80,7 +80,7 @@ def test_fedavg_averages_each_factor(m, n, r, clients, kinds, seed):
 def test_svd_rules_give_the_best_rank_r_approximation_of_the_exact_average(m, n, r, clients, kinds, method):
     state, updates, p = make_round(m, n, r, clients, seed=3, kinds=kinds)
     s = state.scaling
-    new = get_method(method, MethodOptions(preserve_norm=False)).aggregate(state, updates, p)
+    new = get_method(method, {"preserve_norm": False}).aggregate(state, updates, p)
     for module, (B, A) in new.factors.items():
         assert B.shape == state.factors[module][0].shape and A.shape == state.factors[module][1].shape
         oracle = best_rank(dense_average(updates, p, module, s), r)
@@ -101,16 +101,14 @@ def test_norm_clip_and_preserve(method):
     state, updates, p = make_round(30, 20, 2, 3, seed=5)
     s = state.scaling
     exact = {module: dense_average(updates, p, module, s) for module in state.factors}
-    preserved = get_method(method, MethodOptions(preserve_norm=True)).aggregate(state, updates, p)
+    preserved = get_method(method, {"preserve_norm": True}).aggregate(state, updates, p)
     for module, (B, A) in preserved.factors.items():  # truncation loses energy; the rescale restores it
         assert abs(float((s * B @ A).norm()) - float(exact[module].norm())) < 1e-8 * float(
             exact[module].norm()
         )
         oracle = best_rank(exact[module], 2)
         torch.testing.assert_close((s * B @ A) * oracle.norm() / (s * B @ A).norm(), oracle)
-    clipped = get_method(method, MethodOptions(max_update_norm=0.5, preserve_norm=True)).aggregate(
-        state, updates, p
-    )
+    clipped = get_method(method, {"max_update_norm": 0.5, "preserve_norm": True}).aggregate(state, updates, p)
     for B, A in clipped.factors.values():
         assert abs(float((s * B @ A).norm()) - 0.5) < 1e-10
 
@@ -121,7 +119,7 @@ def test_fedsvd_refactorises_the_averaged_B_against_the_shared_A(m, n, r, client
     for u in updates:  # fedsvd clients never change A
         u.factors = {k: (B, state.factors[k][1].clone()) for k, (B, _) in u.factors.items()}
     s = state.scaling
-    method = get_method("fedsvd", MethodOptions())
+    method = get_method("fedsvd")
     assert method.trains == {"B"}
     new = method.aggregate(state, updates, p)
     for module, (B, A) in new.factors.items():
@@ -137,13 +135,13 @@ def test_fedsvd_refactorises_the_averaged_B_against_the_shared_A(m, n, r, client
 
 def test_fedavg_uplink_sends_both_factors_and_the_head():
     _, updates, _ = make_round(6, 5, 2, 2, seed=0)
-    upload = get_method("fedavg", MethodOptions()).uplink(updates[0])
+    upload = get_method("fedavg").uplink(updates[0])
     assert sum(k.startswith("lora_A/") for k in upload) == 2
     assert sum(k.startswith("lora_B/") for k in upload) == 2
     assert "head/classifier.weight" in upload
 
 
-def dense_regulariser(params, state: GlobalState, o: MethodOptions) -> torch.Tensor:
+def dense_regulariser(params, state: GlobalState, o: SubspaceRegOptions) -> torch.Tensor:
     s, total = state.scaling, 0.0
     for name, (B, A) in params.items():
         B_g, A_g = state.factors[name]
@@ -156,7 +154,7 @@ def dense_regulariser(params, state: GlobalState, o: MethodOptions) -> torch.Ten
 @pytest.mark.parametrize("seed", range(4))
 def test_subspace_regulariser_matches_the_dense_form_in_value_and_gradient(seed):
     state, updates, _ = make_round(14, 11, 3, 1, seed=seed)
-    options = MethodOptions(mu=0.3, alpha=0.2, lambda_reg=0.1)
+    options = SubspaceRegOptions(mu=0.3, alpha=0.2, lambda_reg=0.1)
     params = {
         k: (B.clone().requires_grad_(), A.clone().requires_grad_())
         for k, (B, A) in updates[0].factors.items()
@@ -172,7 +170,7 @@ def test_subspace_regulariser_matches_the_dense_form_in_value_and_gradient(seed)
 
 def test_subspace_regulariser_is_zero_at_the_global_state_without_decay():
     state, _, _ = make_round(8, 6, 2, 1, seed=9)
-    reg = SubspaceRegularizer(state, MethodOptions(lambda_reg=0.0))
+    reg = SubspaceRegularizer(state, SubspaceRegOptions(lambda_reg=0.0))
     assert abs(float(reg(state.factors))) < 1e-9 * float(
         sum(B.square().sum() for B, _ in state.factors.values())
     )

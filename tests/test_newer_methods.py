@@ -17,7 +17,7 @@ from test_methods import best_rank, dense_average, make_round, rel
 
 from fedsubspace import lowrank
 from fedsubspace.diagnostics import round_diagnostics
-from fedsubspace.methods import ClientContext, LiveParameters, LocalSchedule, MethodOptions, get_method
+from fedsubspace.methods import ClientContext, LiveParameters, LocalSchedule, get_method
 from fedsubspace.methods.fedgalore import MOMENT_FLOOR, ProjectedAdam
 from fedsubspace.state import ClientUpdate, GlobalState, MergeHistory
 
@@ -90,7 +90,7 @@ def test_fedrot_hard_rotation_keeps_products_and_moves_factors_towards_the_refer
 ) -> None:
     state, updates, p = make_round(9, 7, r, clients, seed)
     state = at_round(state, round_index)
-    method = get_method("fedrot", MethodOptions(fedrot_lam=1.0))
+    method = get_method("fedrot", {"fedrot_lam": 1.0})
     factor = method.aligned_factor(round_index)
     assert factor == ("A" if round_index % 2 == 0 else "B")
     new = method.aggregate(state, updates, p)
@@ -121,30 +121,28 @@ def test_fedrot_hard_rotation_keeps_products_and_moves_factors_towards_the_refer
 def test_fedrot_without_rotation_is_fedavg(r: int, round_index: int, align: str) -> None:
     state, updates, p = make_round(8, 6, r, 3, seed=r + round_index)
     state = at_round(state, round_index)
-    fedavg = get_method("fedavg", MethodOptions()).aggregate(state, updates, p)
-    soft0 = get_method("fedrot", MethodOptions(fedrot_lam=0.0, fedrot_align=align)).aggregate(
-        state, updates, p
-    )
+    fedavg = get_method("fedavg").aggregate(state, updates, p)
+    soft0 = get_method("fedrot", {"fedrot_lam": 0.0, "fedrot_align": align}).aggregate(state, updates, p)
     for module in state.factors:
         for got, want in zip(soft0.factors[module], fedavg.factors[module]):
             torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
     if round_index == 1:  # the first round aligns nothing, whatever lam
-        hard = get_method("fedrot", MethodOptions(fedrot_align=align)).aggregate(state, updates, p)
+        hard = get_method("fedrot", {"fedrot_align": align}).aggregate(state, updates, p)
         for module in state.factors:
             torch.testing.assert_close(hard.factors[module][0], fedavg.factors[module][0])
 
 
 def test_fedrot_parity_and_fixed_alignment():
-    alternate = get_method("fedrot", MethodOptions())
+    alternate = get_method("fedrot")
     assert [alternate.aligned_factor(t) for t in range(1, 6)] == [None, "A", "B", "A", "B"]
-    only_b = get_method("fedrot", MethodOptions(fedrot_align="B"))
+    only_b = get_method("fedrot", {"fedrot_align": "B"})
     assert [only_b.aligned_factor(t) for t in range(1, 4)] == [None, "B", "B"]
 
 
 def test_fedrot_soft_rotation_keeps_the_product():
     state, updates, _ = make_round(10, 8, 3, 2, seed=11)
     state = at_round(state, 2)
-    method = get_method("fedrot", MethodOptions(fedrot_lam=0.5))
+    method = get_method("fedrot", {"fedrot_lam": 0.5})
     for module, (B_g, A_g) in state.factors.items():
         B, A = updates[0].factors[module]
         R = method.rotation(B, A, B_g, A_g, "A")
@@ -181,7 +179,7 @@ def test_glora_is_invariant_to_every_clients_gauge(ranks, server_rank, seed):
             G = random_gauge(B.shape[1], gen)
             factors[module] = (B @ G, torch.linalg.solve(G, A))
         regauged.append(dataclasses.replace(u, factors=factors))
-    method = get_method("glora", MethodOptions(glora_server_rank=server_rank))
+    method = get_method("glora", {"glora_server_rank": server_rank})
     one, two = method.aggregate(state, updates, p), method.aggregate(state, regauged, p)
     for module in state.factors:
         U1, Z1 = glora_parts(one, module)
@@ -210,7 +208,7 @@ def test_glora_is_invariant_to_every_clients_gauge(ranks, server_rank, seed):
 @pytest.mark.parametrize("ranks", [[3, 3, 3], [2, 4, 1], [4]])
 def test_glora_is_exact_at_the_union_rank(ranks):
     state, updates, p = mixed_round(ranks, seed=sum(ranks))
-    new = get_method("glora", MethodOptions(glora_server_rank="union")).aggregate(state, updates, p)
+    new = get_method("glora", {"glora_server_rank": "union"}).aggregate(state, updates, p)
     for module in state.factors:
         U_ref, Z = glora_parts(new, module)
         assert U_ref.shape[1] == min(sum(ranks), MODULES[module][0])
@@ -222,7 +220,7 @@ def test_glora_is_exact_at_the_union_rank(ranks):
 def test_glora_reads_out_the_best_rank_k_approximation_for_every_client_rank(server_rank):
     ranks = [2, 5, 3]
     state, updates, p = mixed_round(ranks, seed=4)
-    method = get_method("glora", MethodOptions(glora_server_rank=server_rank))
+    method = get_method("glora", {"glora_server_rank": server_rank})
     new = method.aggregate(state, updates, p)
     expected_R = {None: max(ranks), "union": sum(ranks), 3: 3}[server_rank]
     for k in (1, 2, 3, 5, 6):
@@ -248,7 +246,7 @@ def test_glora_reads_out_the_best_rank_k_approximation_for_every_client_rank(ser
 
 def test_glora_before_any_aggregation_hands_out_the_initial_adapter_truncated():
     state, _, _ = mixed_round([4, 2], seed=8)
-    out = get_method("glora", MethodOptions()).readout(state, 2, ALPHA / 2)
+    out = get_method("glora").readout(state, 2, ALPHA / 2)
     for module, (B, A) in out.items():
         Bg, Ag = state.factors[module]
         torch.testing.assert_close((ALPHA / 2) * B @ A, state.scaling * Bg[:, :2] @ Ag[:2])
@@ -263,7 +261,7 @@ def test_ffa_averages_B_against_the_frozen_A_exactly(seed):
     state, updates, p = make_round(11, 8, 3, 3, seed)
     for u in updates:  # ffa clients never change A
         u.factors = {k: (B, state.factors[k][1].clone()) for k, (B, _) in u.factors.items()}
-    method = get_method("ffa", MethodOptions())
+    method = get_method("ffa")
     new = method.aggregate(state, updates, p)
     for module, (B, A) in new.factors.items():
         assert A is state.factors[module][1]
@@ -285,7 +283,7 @@ def test_merging_rules_give_W0_plus_the_exact_average_of_client_models(method_na
         m: torch.randn(B.shape[0], A.shape[1], generator=gen, dtype=F64)
         for m, (B, A) in state.factors.items()
     }
-    method = get_method(method_name, MethodOptions(seed=3))
+    method = get_method(method_name, seed=3)
     # two rounds, so the second starts from a state that already carries a residual
     for round_index in (1, 2):
         new = method.aggregate(state, updates, p)
@@ -308,10 +306,10 @@ def test_merging_rules_give_W0_plus_the_exact_average_of_client_models(method_na
 
 def test_flora_reinitialises_B_zero_and_a_fresh_seeded_A_every_round():
     state, updates, p = mixed_round([4, 2, 3], seed=3)
-    method = get_method("flora", MethodOptions(seed=7))
+    method = get_method("flora", seed=7)
     one = method.aggregate(state, updates, p)
     two = method.aggregate(one, updates, p)
-    again = get_method("flora", MethodOptions(seed=7)).aggregate(state, updates, p)
+    again = get_method("flora", seed=7).aggregate(state, updates, p)
     for module, (_, n) in MODULES.items():
         B, A = one.factors[module]
         assert not B.any() and A.shape == (4, n)
@@ -331,7 +329,7 @@ def test_flora_reinitialises_B_zero_and_a_fresh_seeded_A_every_round():
 def test_rolora_alternates_the_trained_factor_and_averages_it_exactly(round_index):
     state, updates, p = make_round(9, 8, 3, 3, seed=round_index)
     state = at_round(state, round_index)
-    method = get_method("rolora", MethodOptions())
+    method = get_method("rolora")
     trained = method.trains_in(round_index)
     assert trained == ({"B"} if round_index % 2 else {"A"})
     frozen = 1 if trained == {"B"} else 0
@@ -353,7 +351,7 @@ def test_rolora_alternates_the_trained_factor_and_averages_it_exactly(round_inde
 
 def test_fedsa_shares_A_only_and_clients_keep_their_B_and_head():
     state, updates, p = make_round(8, 6, 2, 3, seed=5)
-    method = get_method("fedsa", MethodOptions())
+    method = get_method("fedsa")
     new = method.aggregate(state, updates, p)
     for module, (B, A) in new.factors.items():
         assert B is state.factors[module][0]
@@ -378,7 +376,7 @@ def test_fedsa_shares_A_only_and_clients_keep_their_B_and_head():
 @pytest.mark.parametrize("ranks", [[2, 4, 8], [8, 1], [3, 3, 5, 2]])
 def test_flexlora_gives_each_client_the_best_rank_k_of_the_exact_average(ranks):
     state, updates, p = mixed_round(ranks, seed=len(ranks))
-    method = get_method("flexlora", MethodOptions(max_update_norm=0.1))  # options of svd do not apply
+    method = get_method("flexlora", {"max_update_norm": 0.1})  # options of svd do not apply
     new = method.aggregate(state, updates, p)
     for k in sorted({*ranks, max(ranks)}):
         for module, (B, A) in method.readout(new, k, ALPHA / k).items():
@@ -390,7 +388,7 @@ def test_flexlora_gives_each_client_the_best_rank_k_of_the_exact_average(ranks):
 @pytest.mark.parametrize("ranks", [[2, 4, 8], [8, 1], [3, 3, 5, 2]])
 def test_hetlora_zero_pads_to_the_largest_rank_and_averages(ranks):
     state, updates, p = mixed_round(ranks, seed=10 + len(ranks))
-    method = get_method("hetlora", MethodOptions())
+    method = get_method("hetlora")
     new = method.aggregate(state, updates, p)
     R, s = max(ranks), state.scaling
     for module in state.factors:
@@ -412,12 +410,12 @@ def test_hetlora_zero_pads_to_the_largest_rank_and_averages(ranks):
 def test_methods_without_mixed_rank_support_refuse_other_ranks():
     state, _, _ = mixed_round([4], seed=0)
     with pytest.raises(ValueError, match="only the global rank"):
-        get_method("fedavg", MethodOptions()).readout(state, 2, ALPHA / 2)
+        get_method("fedavg").readout(state, 2, ALPHA / 2)
 
 
 def test_diagnostics_on_mixed_ranks_match_dense_definitions():
     state, updates, p = mixed_round([2, 5, 3], seed=12)
-    new = get_method("flexlora", MethodOptions()).aggregate(state, updates, p)
+    new = get_method("flexlora").aggregate(state, updates, p)
     d = round_diagnostics(updates, p, new)
     modules = list(MODULES)
     flat = [torch.cat([dense(u, m, state.scaling).flatten() for m in modules]) for u in updates]
@@ -433,7 +431,7 @@ def test_diagnostics_on_mixed_ranks_match_dense_definitions():
 def test_diagnostics_compare_merging_rules_with_their_whole_round_update():
     state, updates, p = make_round(10, 8, 3, 3, seed=6)
     for name in ("fedex", "flora"):
-        new = get_method(name, MethodOptions()).aggregate(state, updates, p)
+        new = get_method(name).aggregate(state, updates, p)
         d = round_diagnostics(updates, p, new)
         assert d["aggregation_error"] < 1e-10  # exact rules, measured with the merge included
         exact = torch.cat([dense_average(updates, p, m, state.scaling).flatten() for m in state.factors])
@@ -479,7 +477,7 @@ def test_fedgalore_merges_exactly_the_weighted_sum_of_client_updates():
     state = dataclasses.replace(
         state, residual={m: torch.ones(*shape, dtype=F64) for m, shape in MODULES.items()}
     )
-    new = get_method("fedgalore", MethodOptions()).aggregate(state, updates, p)
+    new = get_method("fedgalore").aggregate(state, updates, p)
     for module in MODULES:
         oracle = sum(w * u.factors[module][0] @ u.factors[module][1] for w, u in zip(p, updates))
         assert rel(new.residual[module] - state.residual[module], oracle) < 1e-12
@@ -492,7 +490,7 @@ def test_fedgalore_synchronisation_recovers_a_planted_shared_subspace():
     gen = torch.Generator().manual_seed(0)
     shared = lowrank.orthonormal_basis(torch.randn(12, 2, generator=gen, dtype=F64))
     state, updates, p = galore_round(2, [3, 3, 4, 3], shared=shared)
-    new = get_method("fedgalore", MethodOptions(fedgalore_angle=60.0)).aggregate(state, updates, p)
+    new = get_method("fedgalore", {"fedgalore_angle_threshold": 60.0}).aggregate(state, updates, p)
     for module, (m, n) in MODULES.items():
         phi = new.extras[f"fedgalore/phi/{module}"]
         planted = shared[: (n if m <= n else m)]
@@ -503,7 +501,7 @@ def test_fedgalore_synchronisation_recovers_a_planted_shared_subspace():
 
 def test_fedgalore_warm_start_projects_the_clients_own_moment_onto_the_joint_subspace():
     state, updates, p = galore_round(3, [3, 3])
-    method = get_method("fedgalore", MethodOptions())
+    method = get_method("fedgalore")
     new = method.aggregate(state, updates, p)
     gen = torch.Generator().manual_seed(1)
     memory = {}
@@ -589,7 +587,7 @@ def test_fedgalore_plan_trains_the_base_weights_and_reports_P_N():
         factors={"w": (torch.zeros(4, 2, dtype=F64), torch.zeros(2, 6, dtype=F64))}, head={}, scaling=8.0
     )
     memory: dict = {}
-    method = get_method("fedgalore", MethodOptions())
+    method = get_method("fedgalore")
     schedule = LocalSchedule(3, 1, 1, 0.01, 0.0, None)
     plan = method.local_plan(state, ctx(2, 1, memory), LiveParameters(factors, {}, base), schedule)
     assert len(plan.parameters) == 1 and plan.parameters[0] is base["w"] and base["w"].requires_grad
@@ -613,7 +611,7 @@ def test_fedgalore_plan_trains_the_base_weights_and_reports_P_N():
 def test_merge_history_counts_what_brings_a_returning_client_to_exactly_the_current_base():
     """Partial participation: a client that skipped rounds applies the increments it missed."""
     state, _, _ = make_round(16, 12, 2, 1, seed=0)
-    method = get_method("fedex", MethodOptions())
+    method = get_method("fedex")
     gen = torch.Generator().manual_seed(1)
     ledger = MergeHistory()
     clients = range(4)

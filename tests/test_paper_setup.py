@@ -14,9 +14,9 @@ from test_simulation import ROOT
 from fedsubspace import models
 from fedsubspace.cli import main
 from fedsubspace.client import client_context, run_round
+from fedsubspace.configure import build_method
 from fedsubspace.errors import UserError
-from fedsubspace.experiment import local_schedule, method_options, prepare
-from fedsubspace.methods import get_method
+from fedsubspace.experiment import local_schedule, prepare
 
 PAPER = ROOT / "configs" / "paper"
 
@@ -47,7 +47,7 @@ def test_cpu_configs_say_which_targets_they_use() -> None:
 def one_client_round(*overrides: str) -> tuple[torch.nn.Module, dict]:
     config = tiny("tiny-encoder", "subspace_reg", "lora_dropout=0.1", *overrides)
     exp = prepare(config)
-    rule = get_method(config.method, method_options(config))
+    rule = build_method(config)
     update = run_round(exp, rule, local_schedule(config), exp.initial_state, client_context(exp, 0, 1)).update
     return exp.trainable.model, {
         **update.head,

@@ -9,9 +9,10 @@ from test_devices import update_tensors
 from test_federation import MIXED_RANK_METHODS, tiny
 
 from fedsubspace.client import client_context, evaluate_loaded, run_round
+from fedsubspace.configure import build_method
 from fedsubspace.errors import UserError
-from fedsubspace.experiment import local_schedule, method_options, prepare
-from fedsubspace.methods import METHODS, get_method
+from fedsubspace.experiment import local_schedule, prepare
+from fedsubspace.methods import METHODS
 
 
 def one_round(method: str, *overrides: str):  # type: ignore[no-untyped-def]
@@ -21,7 +22,7 @@ def one_round(method: str, *overrides: str):  # type: ignore[no-untyped-def]
         "tiny-encoder", method, "max_local_steps=2", "gradient_accumulation_steps=1", *mixed, *overrides
     )
     exp = prepare(config)
-    rule = get_method(method, method_options(config))
+    rule = build_method(config)
     memories: list[dict[str, torch.Tensor]] = [{}, {}]
     schedule = local_schedule(config)
 
@@ -61,7 +62,7 @@ def test_autocast_computes_in_bfloat16_and_keeps_float32_weights() -> None:
     seen: list[torch.dtype] = []
     layer = next(m for m in tm.model.modules() if isinstance(m, torch.nn.Linear))
     layer.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-    rule = get_method(config.method, method_options(config))
+    rule = build_method(config)
     update = run_round(exp, rule, local_schedule(config), exp.initial_state, client_context(exp, 0, 1)).update
     assert seen and set(seen) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in tm.model.parameters())

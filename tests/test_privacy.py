@@ -25,12 +25,12 @@ from test_simulation import FIXTURE, ROOT
 
 from fedsubspace import simulation
 from fedsubspace.cli import main
-from fedsubspace.config import load_config
+from fedsubspace.configure import load_config
 from fedsubspace.errors import UserError
 from fedsubspace.experiment import prepare
 from fedsubspace.flower import client_app, secagg, secagg_server
 from fedsubspace.flower.payload import from_record
-from fedsubspace.methods import METHODS, MethodOptions, get_method
+from fedsubspace.methods import METHODS, get_method
 from fedsubspace.privacy.accounting import PrivacyAccounts, example_level_dp, rounds_taken_part
 from fedsubspace.privacy.client_dp import ClientLevelDP, clipped_change, noisy_mean_update
 from fedsubspace.privacy.dpsgd import ExampleLevelDP, PrivateGradients
@@ -85,7 +85,7 @@ def test_methods_declared_summable_aggregate_the_mean_upload_as_they_aggregate_t
     summable = [name for name, cls in METHODS.items() if cls.privacy.secagg.ok]
     assert summable and all(METHODS[n].privacy.client_dp.ok for n in summable)
     for name in summable:
-        method = get_method(name, MethodOptions())
+        method = get_method(name)
         plain = method.aggregate(state, updates, weights)
         pooled = method.aggregate(state, [mean_update(updates, weights)], [1.0])
         for module in state.factors:
@@ -101,7 +101,7 @@ def test_methods_declared_individual_do_not_aggregate_the_mean_upload_as_the_upl
     assert not METHODS[name].privacy.secagg.ok and not METHODS[name].privacy.client_dp.ok
     state, updates, weights = make_round(9, 7, 3, 3, seed=5)
     state = at_round(state, 1)  # fedrot aligns from its second round on
-    method = get_method(name, MethodOptions())
+    method = get_method(name)
     plain = method.aggregate(state, updates, weights)
     pooled = method.aggregate(state, [mean_update(updates, weights)], [1.0])
     differs = [
@@ -261,7 +261,7 @@ def test_privacy_accounting_survives_resume(tmp_path):
 def test_client_level_clipping_bounds_every_upload_change(seed, clip):
     state, updates, _ = make_round(9, 7, 3, 4, seed)
     start = flatten(state.factors, state.head)
-    method = get_method("fedavg", MethodOptions())
+    method = get_method("fedavg")
     for u in updates:
         upload = method.uplink(u)
         change = clipped_change(upload, start, clip)
@@ -274,7 +274,7 @@ def test_client_level_clipping_bounds_every_upload_change(seed, clip):
 def test_client_level_dp_without_noise_aggregates_the_mean_of_clipped_changes(name):
     state, updates, _ = make_round(9, 7, 3, 3, seed=3)
     state = dataclasses.replace(state, round=1)
-    method = get_method(name, MethodOptions())
+    method = get_method(name)
     settings = ClientLevelDP(clip=0.5, noise_multiplier=0.0, clients_per_round=4)
     pooled = noisy_mean_update(method, state, updates, settings, torch.Generator().manual_seed(0))
     start = flatten(state.factors, state.head)

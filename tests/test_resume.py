@@ -20,7 +20,7 @@ from test_simulation import FIXTURE, ROOT
 from fedsubspace import client as client_module
 from fedsubspace import simulation
 from fedsubspace.cli import main
-from fedsubspace.config import load_config
+from fedsubspace.configure import load_config
 from fedsubspace.demo import run_demo
 from fedsubspace.errors import UserError
 from fedsubspace.results import RunDirectory, read_metrics

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from test_methods import make_round, random_factors
 
 from fedsubspace.diagnostics import DELTA_KEYS, round_delta_diagnostics
-from fedsubspace.methods import MethodOptions, get_method
+from fedsubspace.methods import get_method
 from fedsubspace.state import ClientUpdate, GlobalState
 
 
@@ -102,7 +102,7 @@ def starts_of(previous: GlobalState, updates) -> list:
 def test_delta_metrics_match_dense_definitions(method, m, n, r, clients, kinds):
     for seed in (0, 1):
         previous, updates, p = make_round(m, n, r, clients, seed=seed, kinds=kinds)
-        new = get_method(method, MethodOptions()).aggregate(previous, updates, p)
+        new = get_method(method).aggregate(previous, updates, p)
         got = round_delta_diagnostics(updates, starts_of(previous, updates), p, previous, new)
         assert_metrics_equal(got, dense_delta_metrics(updates, p, previous, new))
 
@@ -131,7 +131,7 @@ def test_identical_client_steps_agree_completely_and_opposite_ones_cancel():
         name: (torch.cat([B, 0 * B], 1), torch.cat([A, A], 0)) for name, (B, A) in previous.factors.items()
     }
     twins, opposite = [moved(1.0), moved(1.0)], [moved(1.0), moved(-1.0)]
-    new = get_method("svd", MethodOptions(preserve_norm=False)).aggregate(previous, twins, [0.5, 0.5])
+    new = get_method("svd", {"preserve_norm": False}).aggregate(previous, twins, [0.5, 0.5])
     same = round_delta_diagnostics(twins, [start6, start6], [0.5, 0.5], previous, new)
     assert same["delta_cancellation_ratio"] == pytest.approx(1.0)
     assert same["pairwise_delta_overlap"] == pytest.approx(1.0)
@@ -162,7 +162,7 @@ def gauge(factors: dict, gen: torch.Generator) -> dict:
 )
 def test_delta_metrics_are_gauge_invariant(m, n, r, clients, seed, method):
     previous, updates, p = make_round(m, n, r, clients, seed=seed)
-    new = get_method(method, MethodOptions()).aggregate(previous, updates, p)
+    new = get_method(method).aggregate(previous, updates, p)
     before = round_delta_diagnostics(updates, starts_of(previous, updates), p, previous, new)
     gen = torch.Generator().manual_seed(seed + 1)
     moved_updates = [dataclasses.replace(u, factors=gauge(u.factors, gen)) for u in updates]
@@ -200,7 +200,7 @@ def test_delta_metrics_on_mixed_ranks_match_dense_definitions(method, ranks):
     from fedsubspace.server import round_start
 
     previous, updates, p = mixed_round(ranks, seed=sum(ranks))
-    rule = get_method(method, MethodOptions())
+    rule = get_method(method)
     new = rule.aggregate(previous, updates, p)
     starts = [round_start(rule, previous, u) for u in updates]
     got = round_delta_diagnostics(updates, starts, p, previous, new)

@@ -14,7 +14,8 @@ import torch
 from fedsubspace import client as client_module
 from fedsubspace import simulation
 from fedsubspace.cli import main
-from fedsubspace.config import ExperimentConfig, load_config
+from fedsubspace.config import ExperimentConfig
+from fedsubspace.configure import load_config
 from fedsubspace.results import read_metrics
 from fedsubspace.state import load_state
 

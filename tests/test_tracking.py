@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fedsubspace import simulation
 from fedsubspace.cli import main
-from fedsubspace.config import load_config
+from fedsubspace.configure import load_config
 from fedsubspace.results import RunDirectory, read_metrics, written_config_difference
 from fedsubspace.tracking import TENSORBOARD_DIR, scalars
 
@@ -24,7 +24,7 @@ CRASH_IN_ROUND = (
     "import sys\n"
     "from pathlib import Path\n"
     "from fedsubspace import simulation\n"
-    "from fedsubspace.config import load_config\n"
+    "from fedsubspace.configure import load_config\n"
     "from fedsubspace.results import RunDirectory\n"
     "real = RunDirectory.save_resume_point\n"
     "def crash(self, state, memories, progress):\n"

@@ -22,7 +22,7 @@ def _config_file(args: argparse.Namespace) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedsubspace.config import load_config
+    from fedsubspace.configure import load_config
     from fedsubspace.results import default_out, require_run
     from fedsubspace.server import done_line
     from fedsubspace.simulation import run
@@ -78,7 +78,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fedsubspace.config import load_config
+    from fedsubspace.configure import load_config
     from fedsubspace.demo import run_demo
 
     config = load_config(args.config, args.set)
@@ -116,7 +116,7 @@ def cmd_bench_aggregation(args: argparse.Namespace) -> int:
 
 def cmd_bench_client_step(args: argparse.Namespace) -> int:
     from fedsubspace.bench.client_step import bench_client_step, format_rows
-    from fedsubspace.config import load_config
+    from fedsubspace.configure import load_config
 
     rows = []
     for model in args.models:
@@ -135,7 +135,7 @@ def cmd_bench_client_step(args: argparse.Namespace) -> int:
 
 def cmd_bench_causal_eval(args: argparse.Namespace) -> int:
     from fedsubspace.bench.causal_eval import bench_causal_eval, format_row
-    from fedsubspace.config import load_config
+    from fedsubspace.configure import load_config
 
     # Only evaluation is timed: a small training slice keeps preparing the run short.
     base = [
@@ -161,7 +161,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fedsubspace.config import load_config
+    from fedsubspace.configure import load_config
     from fedsubspace.evaluation import default_config, eval_line, evaluate_target
 
     config_path = args.config or default_config(args.target)
@@ -175,7 +175,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_bench_round(args: argparse.Namespace) -> int:
     from fedsubspace.bench.round import bench_round, format_report
-    from fedsubspace.config import load_config
+    from fedsubspace.configure import load_config
     from fedsubspace.shapes import PREFIX
 
     explicit = {"method": args.method, "model": PREFIX + args.shape if args.shape else None}
@@ -187,7 +187,7 @@ def cmd_bench_round(args: argparse.Namespace) -> int:
 
 
 def cmd_flower_local(args: argparse.Namespace) -> int:
-    from fedsubspace.config import load_config
+    from fedsubspace.configure import load_config
     from fedsubspace.flower.local import FlowerRunError, run_local
     from fedsubspace.results import default_out
     from fedsubspace.server import done_line

@@ -1,16 +1,17 @@
-"""An experiment's configuration: plain data, read from YAML plus ``key=value`` overrides, validated once.
+"""An experiment's configuration: plain data, read from YAML plus ``key=value`` overrides.
 
 Key names follow the Subspace-Reg paper's reference configs (num_rounds, num_clients, client_fraction,
 max_local_steps, lora_rank, lora_alpha, learning_rate, dirichlet_alpha, mu, alpha, lambda_reg, ...) so
-configs carry over. Everything below the command line receives an :class:`ExperimentConfig` that has
-already passed :func:`validate`: no other layer re-checks user input.
+configs carry over. This module holds the core keys and the checks that need nothing but the config; each
+method declares its own keys (mu, alpha, ...) in its own file. :mod:`fedsubspace.configure` joins the two
+and validates once, before any work starts: everything below the command line receives an
+:class:`ExperimentConfig` that has passed it, and no other layer re-checks user input. This module
+imports nothing of fedsubspace above it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import importlib.util
 import math
 import os
 import re
@@ -88,19 +89,10 @@ class ExperimentConfig:
     # Evaluate with the adapter merged into the weights (the base model's cost; the same scores to float
     # rounding, the weights restored exactly after). Off: the adapters run beside the weights, as in training.
     merged_eval: bool = False
-    # method hyperparameters (each method reads the ones it defines)
-    mu: float = 0.05
-    alpha: float = 0.01
-    lambda_reg: float = 1e-5
-    max_update_norm: float | None = None
-    preserve_norm: bool = True
-    # subspace_reg's server split: orthonormal (B = U, default) or paper_code (the reference code's
-    # factors, both rescaled by sqrt(||T|| / ||T_r||); the same product)
-    subspace_reg_split: str = "orthonormal"
-    fedrot_lam: float = 1.0  # 0 = fedavg, 1 = hard alignment
-    fedrot_align: str = "alternate"  # alternate | A | B
-    glora_server_rank: int | str | None = None  # null: the largest client rank; "union": exact
-    fedgalore_angle_threshold: float = 60.0  # degrees, joint-subspace extraction of second moments
+    # Method hyperparameters by config key (mu, alpha, ...), each declared in its method's file
+    # (fedsubspace.methods.options): every method's, as fedsubspace.configure fills them (a key missing here
+    # is read at its default). to_dict writes them among the other keys, in this place.
+    method_options: dict[str, Any] = field(default_factory=dict)
     holdout_fraction: float = 0.2  # personalised methods (fedsa): share of each partition held out
     # live view of the run: tensorboard (event files under the results directory) or none
     tracker: str = "tensorboard"
@@ -121,25 +113,24 @@ class ExperimentConfig:
     tags: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as its keys, the method options among them (as a config file writes them)."""
+        flat: dict[str, Any] = {}
+        for key, value in dataclasses.asdict(self).items():
+            if key == "method_options":
+                flat.update(value)
+            else:
+                flat[key] = value
+        return flat
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+# The core keys and the type each one's value has.
+CORE_KEYS = {
+    key: kind for key, kind in typing.get_type_hints(ExperimentConfig).items() if key != "method_options"
+}
 
 
-def with_defaults(written: dict[str, Any]) -> dict[str, Any]:
-    """A resolved config as written by a run, with the keys added to fedsubspace since then at their
-    defaults (a new key's default always reproduces what runs did before it existed)."""
-    defaults = ExperimentConfig().to_dict()
-    return {**written, **{key: value for key, value in defaults.items() if key not in written}}
-
-
-_HINTS = typing.get_type_hints(ExperimentConfig)
-
-
-def _coerce(key: str, value: Any) -> Any:
-    """``value`` checked against the field's annotation (ints accepted for floats)."""
-    hint = _HINTS[key]
+def coerce(key: str, value: Any, hint: Any) -> Any:
+    """``value`` of config key ``key`` checked against its annotation ``hint`` (ints accepted for floats)."""
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None:
         if type(None) in allowed:
@@ -176,18 +167,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     if isinstance(value, str) and re.fullmatch(r"[-+]?\d*\.?\d+([eE][-+]?\d+)?", value):
         value = float(value)
     return key.strip(), value
-
-
-def build_config(values: dict[str, Any]) -> ExperimentConfig:
-    unknown = [k for k in values if k not in FIELDS]
-    if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(key, FIELDS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UserError(f"unknown config key {key!r}{hint}")
-    config = ExperimentConfig(**{k: _coerce(k, v) for k, v in values.items()})
-    validate(config)
-    return config
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -233,14 +212,17 @@ def _beside(config_file: Path, dataset: str) -> str:
     return os.path.normpath(beside)
 
 
-def load_config(path: Path | None, overrides: list[str] | None = None, **explicit: Any) -> ExperimentConfig:
-    """The config in ``path`` (or the defaults), then ``--set`` overrides, then explicit CLI flags."""
+def written_values(
+    path: Path | None, overrides: list[str] | None, explicit: dict[str, Any]
+) -> dict[str, Any]:
+    """The keys the config file ``path`` sets (none without one), then ``--set`` overrides, then explicit
+    CLI flags (those not None)."""
     values: dict[str, Any] = {}
     if path is not None:
         values.update(read_config_file(path))
     values.update(parse_override(o) for o in overrides or [])
     values.update({k: v for k, v in explicit.items() if v is not None})
-    return build_config(values)
+    return values
 
 
 _CYCLE = re.compile(r"cycle\(\s*(\d+(?:\s*,\s*\d+)*)\s*\)")
@@ -253,7 +235,7 @@ def client_ranks(c: ExperimentConfig) -> list[int]:
         return [c.lora_rank] * c.num_clients
     if isinstance(c.client_ranks, str):
         match = _CYCLE.fullmatch(c.client_ranks.strip())
-        _require(
+        require(
             match is not None,
             f"client_ranks must list one rank per client or be cycle(r1,r2,...), got {c.client_ranks!r}",
         )
@@ -261,148 +243,93 @@ def client_ranks(c: ExperimentConfig) -> list[int]:
         cycle = [int(r) for r in match.group(1).split(",")]
         ranks = [cycle[i % len(cycle)] for i in range(c.num_clients)]
     else:
-        _require(
+        require(
             len(c.client_ranks) == c.num_clients,
             f"client_ranks lists {len(c.client_ranks)} ranks but num_clients is {c.num_clients}",
         )
         ranks = list(c.client_ranks)
-    _require(all(r >= 1 for r in ranks), "client_ranks must all be at least 1")
+    require(all(r >= 1 for r in ranks), "client_ranks must all be at least 1")
     return ranks
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
     if not condition:
         raise UserError(message)
 
 
-def validate(c: ExperimentConfig) -> None:
-    """Every check that can fail before any work starts."""
-    from fedsubspace.methods import METHODS, heterogeneous_methods
-    from fedsubspace.models import PRESETS, validate_dtype, validate_quantization
-    from fedsubspace.shapes import shape_models
-    from fedsubspace.tasks import TASKS
-    from fedsubspace.tracking import TRACKERS
-
-    _require(c.method in METHODS, f"unknown method {c.method!r}; choose one of: {', '.join(sorted(METHODS))}")
-    _require(c.task in TASKS, f"unknown task {c.task!r}; choose one of: {', '.join(TASKS)}")
+def check(c: ExperimentConfig) -> None:
+    """Every check of the core keys that needs nothing but the config (fedsubspace.configure.validate runs
+    it with those that need the methods, models, tasks and trackers)."""
     if c.task == "classification":
         names = c.label_names or []
-        _require(
+        require(
             len(names) >= 2 and len(set(names)) == len(names),
             f"task classification needs label_names: at least 2 distinct names, got {c.label_names!r}",
         )
-        _require(
+        require(
             c.label_words is None or (len(c.label_words) == len(names) and all(c.label_words)),
             f"label_words must give one non-empty word per label name ({len(names)}), got {c.label_words!r}",
         )
-    _require(0.0 <= c.fedrot_lam <= 1.0, "fedrot_lam must be in [0, 1]")
-    _require(
-        c.subspace_reg_split in ("orthonormal", "paper_code"),
-        "subspace_reg_split must be orthonormal or paper_code",
-    )
-    _require(c.fedrot_align in ("alternate", "A", "B"), "fedrot_align must be alternate, A or B")
-    _require(
-        c.glora_server_rank is None
-        or c.glora_server_rank == "union"
-        or (isinstance(c.glora_server_rank, int) and c.glora_server_rank >= 1),
-        "glora_server_rank must be a positive integer, union, or null (the largest client rank)",
-    )
-    _require(
-        0.0 < c.fedgalore_angle_threshold <= 90.0, "fedgalore_angle_threshold must be in (0, 90] degrees"
-    )
-    _require(0.0 < c.holdout_fraction < 1.0, "holdout_fraction must be in (0, 1)")
-    _require(c.tracker in TRACKERS, f"tracker must be {' or '.join(TRACKERS)}, got {c.tracker!r}")
-    _require(
-        c.tracker != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
-        "tracker: tensorboard needs the tensorboard package (pip install tensorboard), or set tracker: none",
-    )
-    looks_like_path_or_id = "/" in c.model or Path(c.model).expanduser().exists()
-    _require(
-        c.model in PRESETS or c.model in shape_models() or looks_like_path_or_id,
-        f"unknown model {c.model!r}: use a preset ({', '.join(PRESETS)}), a random-weight shape "
-        f"({', '.join(shape_models())}), a local directory or a hub id",
-    )
-    _require(c.model_kind in (None, "encoder", "causal"), "model_kind must be encoder or causal")
-    _require(c.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16")
-    _require(c.autocast in (None, "bfloat16"), "autocast must be bfloat16 (or null for off)")
-    _require(
+    require(0.0 < c.holdout_fraction < 1.0, "holdout_fraction must be in (0, 1)")
+    require(c.model_kind in (None, "encoder", "causal"), "model_kind must be encoder or causal")
+    require(c.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16")
+    require(c.autocast in (None, "bfloat16"), "autocast must be bfloat16 (or null for off)")
+    require(
         c.autocast is None or c.dtype == "float32",
         "autocast keeps float32 weights and computes in bfloat16: set dtype=float32 (or drop autocast)",
     )
-    _require(
+    require(
         re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", c.device) is not None,
         "device must be auto, cpu or cuda[:N]",
     )
-    validate_quantization(c.load_in_4bit, c.device)
-    validate_dtype(c.dtype, c.device)
-    _require(
+    require(
         not (c.merged_eval and c.load_in_4bit),
         "merged_eval cannot merge adapters into 4-bit weights exactly: drop merged_eval or load_in_4bit",
     )
-    _require(c.partition in ("iid", "dirichlet"), "partition must be iid or dirichlet")
-    _require(0.0 < c.client_fraction <= 1.0, "client_fraction must be in (0, 1]")
+    require(c.partition in ("iid", "dirichlet"), "partition must be iid or dirichlet")
+    require(0.0 < c.client_fraction <= 1.0, "client_fraction must be in (0, 1]")
     for key in ("lora_rank", "max_length", "num_clients", "num_rounds", "max_local_steps", "batch_size"):
-        _require(getattr(c, key) >= 1, f"{key} must be at least 1")
+        require(getattr(c, key) >= 1, f"{key} must be at least 1")
     for key in ("gradient_accumulation_steps", "eval_batch_size", "min_partition_size"):
-        _require(getattr(c, key) >= 1, f"{key} must be at least 1")
-    ranks = client_ranks(c)
-    _require(
-        len(set(ranks)) == 1 or METHODS[c.method].heterogeneous_ranks,
-        f"method {c.method!r} cannot serve mixed client_ranks; methods that can: "
-        f"{', '.join(heterogeneous_methods())}",
-    )
+        require(getattr(c, key) >= 1, f"{key} must be at least 1")
+    client_ranks(c)
     for key in ("lora_alpha", "learning_rate", "dirichlet_alpha"):
-        _require(getattr(c, key) > 0, f"{key} must be positive")
-    for key in ("mu", "alpha", "lambda_reg", "weight_decay"):
-        _require(getattr(c, key) >= 0, f"{key} must not be negative")
-    _require(0.0 <= c.lora_dropout < 1.0, "lora_dropout must be in [0, 1)")
-    for key in ("max_grad_norm", "max_update_norm"):
-        value = getattr(c, key)
-        _require(value is None or value > 0, f"{key} must be positive (or null to disable)")
-    _require(c.eval_seed is None or c.eval_seed >= 0, "eval_seed must be a non-negative integer (or null)")
+        require(getattr(c, key) > 0, f"{key} must be positive")
+    require(c.weight_decay >= 0, "weight_decay must not be negative")
+    require(0.0 <= c.lora_dropout < 1.0, "lora_dropout must be in [0, 1)")
+    require(
+        c.max_grad_norm is None or c.max_grad_norm > 0, "max_grad_norm must be positive (or null to disable)"
+    )
+    require(c.eval_seed is None or c.eval_seed >= 0, "eval_seed must be a non-negative integer (or null)")
     for key in ("max_train_samples", "max_eval_samples"):
         value = getattr(c, key)
-        _require(value is None or value >= 1, f"{key} must be at least 1 (or null for all)")
-    validate_privacy(c)
+        require(value is None or value >= 1, f"{key} must be at least 1 (or null for all)")
+    check_privacy(c)
 
 
-def validate_privacy(c: ExperimentConfig) -> None:
-    """A privacy option is honoured or refused here: never a run that trains without it."""
-    from fedsubspace.methods import METHODS
-
+def check_privacy(c: ExperimentConfig) -> None:
+    """The privacy keys make sense together (whether the method honours them: configure.validate)."""
     for key in ("dp_max_grad_norm", "dp_noise_multiplier", "dp_epsilon", "dp_client_clip"):
         value = getattr(c, key)
-        _require(value is None or value > 0, f"{key} must be positive (or null: off)")
+        require(value is None or value > 0, f"{key} must be positive (or null: off)")
     for key in ("dp_client_noise_multiplier", "dp_client_epsilon"):
         value = getattr(c, key)
-        _require(value is None or value > 0, f"{key} must be positive (or null: off)")
-    _require(0.0 < c.dp_delta < 1.0, "dp_delta must be in (0, 1)")
-    support = METHODS[c.method].privacy
-    for clip, noise, target, mechanism, can in (
-        ("dp_max_grad_norm", "dp_noise_multiplier", "dp_epsilon", "DP-SGD", support.dp_sgd),
-        (
-            "dp_client_clip",
-            "dp_client_noise_multiplier",
-            "dp_client_epsilon",
-            "client-level DP",
-            support.client_dp,
-        ),
+        require(value is None or value > 0, f"{key} must be positive (or null: off)")
+    require(0.0 < c.dp_delta < 1.0, "dp_delta must be in (0, 1)")
+    for clip, noise, target, mechanism in (
+        ("dp_max_grad_norm", "dp_noise_multiplier", "dp_epsilon", "DP-SGD"),
+        ("dp_client_clip", "dp_client_noise_multiplier", "dp_client_epsilon", "client-level DP"),
     ):
         on = getattr(c, clip) is not None
         given = [key for key in (noise, target) if getattr(c, key) is not None]
-        _require(on or not given, f"{given[0] if given else ''} needs {clip} (the clip norm of {mechanism})")
-        _require(not on or len(given) == 1, f"{mechanism} ({clip}) needs exactly one of {noise} or {target}")
-        _require(not on or can.ok, f"method {c.method!r} cannot run under {mechanism}: {can.why}")
-    _require(
-        not c.secagg or support.secagg.ok,
-        f"method {c.method!r} cannot run under SecAgg+: {support.secagg.why}",
-    )
-    _require(
+        require(on or not given, f"{given[0] if given else ''} needs {clip} (the clip norm of {mechanism})")
+        require(not on or len(given) == 1, f"{mechanism} ({clip}) needs exactly one of {noise} or {target}")
+    require(
         not (c.secagg and c.dp_client_clip is not None),
         "dp_client_clip with secagg: client-level DP clips each upload on the server, which SecAgg+ hides "
         "from it; use one of them (DP-SGD combines with SecAgg+)",
     )
-    _require(
+    require(
         not c.secagg or round(c.client_fraction * c.num_clients) >= 2,
         "secagg needs at least 2 clients a round (client_fraction x num_clients): one client's sum is itself",
     )

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedsubspace.config import ExperimentConfig, build_config
+from fedsubspace.config import ExperimentConfig
+from fedsubspace.configure import build_config
 from fedsubspace.results import CONFIG, Status, read_metrics, read_summary, status, written_config_difference
 from fedsubspace.simulation import run
 

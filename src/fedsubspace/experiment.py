@@ -20,7 +20,7 @@ from fedsubspace.adapters import LoraSpec, TrainableModel, adapt
 from fedsubspace.config import ExperimentConfig, client_ranks
 from fedsubspace.data import partition_indices, partition_stats
 from fedsubspace.errors import UserError
-from fedsubspace.methods import METHODS, LocalSchedule, MethodOptions
+from fedsubspace.methods import METHODS, LocalSchedule
 from fedsubspace.models import LoadedModel, load_model, resolve_device
 from fedsubspace.scoring import Encoded
 from fedsubspace.seeding import HOLDOUT, SAMPLING, stream_seed
@@ -40,22 +40,6 @@ class Experiment:
     client_ranks: list[int]
     # Personalised methods: each client's held-out questions (taken out of its partition), else None.
     holdouts: list[Encoded] | None = None
-
-
-def method_options(config: ExperimentConfig) -> MethodOptions:
-    return MethodOptions(
-        mu=config.mu,
-        alpha=config.alpha,
-        lambda_reg=config.lambda_reg,
-        max_update_norm=config.max_update_norm,
-        preserve_norm=config.preserve_norm,
-        subspace_reg_split=config.subspace_reg_split,  # type: ignore[arg-type]  (validated)
-        seed=config.seed,
-        fedrot_lam=config.fedrot_lam,
-        fedrot_align=config.fedrot_align,  # type: ignore[arg-type]  (validated)
-        glora_server_rank=config.glora_server_rank,  # type: ignore[arg-type]  (validated)
-        fedgalore_angle=config.fedgalore_angle_threshold,
-    )
 
 
 def eval_seed(config: ExperimentConfig) -> int:

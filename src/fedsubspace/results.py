@@ -34,7 +34,7 @@ import torch
 import yaml
 from filelock import FileLock, Timeout
 
-from fedsubspace.config import with_defaults
+from fedsubspace.configure import with_defaults
 from fedsubspace.errors import UserError, reading
 from fedsubspace.state import (
     GlobalState,

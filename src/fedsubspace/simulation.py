@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 
 from fedsubspace.client import client_context, run_round
 from fedsubspace.config import ExperimentConfig
+from fedsubspace.configure import build_method
 from fedsubspace.errors import UserError
-from fedsubspace.experiment import local_schedule, method_options, prepare, sample_clients
-from fedsubspace.methods import get_method
+from fedsubspace.experiment import local_schedule, prepare, sample_clients
 from fedsubspace.predictions import write_predictions
 from fedsubspace.privacy.run import RunPrivacy
 from fedsubspace.results import PARTITION_STATS, Memories, ResumePoint, RunDirectory, claim
@@ -82,7 +82,7 @@ def _run(
     exp = prepare(config)
     privacy = RunPrivacy.of(config, [len(p) for p in exp.partitions])  # refuses what it cannot honour
     run_dir.write_json(PARTITION_STATS, exp.partition_stats)
-    method, schedule = get_method(config.method, method_options(config)), local_schedule(config)
+    method, schedule = build_method(config), local_schedule(config)
 
     memories: Memories = {client_id: {} for client_id in range(config.num_clients)}
     merges = MergeHistory()

@@ -18,10 +18,10 @@ from peft import PeftModel
 from safetensors import SafetensorError
 
 from fedsubspace.adapters import TrainableModel, adapt
-from fedsubspace.config import ExperimentConfig, build_config
+from fedsubspace.config import ExperimentConfig
+from fedsubspace.configure import build_config, build_method
 from fedsubspace.errors import UserError
-from fedsubspace.experiment import lora_spec, method_options
-from fedsubspace.methods import get_method
+from fedsubspace.experiment import lora_spec
 from fedsubspace.models import LoadedModel, load_model
 from fedsubspace.results import CONFIG, ERROR, LAST, Status, read_metrics, status
 from fedsubspace.state import Factors, GlobalState, load_state
@@ -97,7 +97,7 @@ def open_run(path: Path) -> TrainedRun:
 
 def factors_at_rank(config: ExperimentConfig, state: GlobalState, rank: int | None) -> Factors:
     """The global adapter as the method reads it out at ``rank`` (default: the global, largest rank)."""
-    method = get_method(config.method, method_options(config))
+    method = build_method(config)
     if method.personalised:
         raise UserError(
             f"{config.method} is personalised: each client keeps its own model and no global model was "

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from fedsubspace.client import client_context, train_client
 from fedsubspace.config import ExperimentConfig
-from fedsubspace.experiment import local_schedule, method_options, prepare
+from fedsubspace.experiment import local_schedule, prepare
 from fedsubspace.markdown import markdown_table
 from fedsubspace.methods import get_method
 from fedsubspace.methods.subspace_reg import SubspaceRegularizer
@@ -26,8 +26,8 @@ from fedsubspace.methods.subspace_reg import SubspaceRegularizer
 def bench_client_step(config: ExperimentConfig, repeats: int = 5, progress: bool = True) -> dict[str, Any]:
     exp = prepare(config)
     tm, schedule = exp.trainable, local_schedule(config)
-    fedavg = get_method("fedavg", method_options(config))
-    subspace_reg = get_method("subspace_reg", method_options(config))
+    fedavg = get_method("fedavg", config.method_options, config.seed)
+    subspace_reg = get_method("subspace_reg", config.method_options, config.seed)
     # A realistic reference: the state after one round of subspace_reg (orthonormal B, non-zero A).
     indices = max(exp.partitions, key=len)
     state = subspace_reg.aggregate(
@@ -49,7 +49,7 @@ def bench_client_step(config: ExperimentConfig, repeats: int = 5, progress: bool
             round_seconds[method.name].append(time.perf_counter() - started)
 
     tm.load(state)
-    regularizer = SubspaceRegularizer(state, method_options(config))
+    regularizer = SubspaceRegularizer(state, subspace_reg.options)
     params = [p for pair in tm.factors.values() for p in pair]
     for p in params:
         p.requires_grad_(True)

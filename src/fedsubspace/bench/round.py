@@ -26,11 +26,12 @@ from tqdm.auto import tqdm
 
 from fedsubspace.client import client_context, evaluate_loaded, run_round
 from fedsubspace.config import ExperimentConfig
+from fedsubspace.configure import build_method
 from fedsubspace.diagnostics import round_diagnostics
 from fedsubspace.errors import UserError
-from fedsubspace.experiment import Experiment, local_schedule, method_options, prepare, sample_clients
+from fedsubspace.experiment import Experiment, local_schedule, prepare, sample_clients
 from fedsubspace.markdown import markdown_table
-from fedsubspace.methods import Method, get_method
+from fedsubspace.methods import Method
 from fedsubspace.scoring import EvalResult
 from fedsubspace.state import ClientUpdate, GlobalState
 
@@ -96,7 +97,7 @@ def bench_round(config: ExperimentConfig, rounds: int = 2, progress: bool = True
         )
     exp = prepare(config)
     tm = exp.trainable
-    method = get_method(config.method, method_options(config))
+    method = build_method(config)
     memory = PeakMemory(tm.device)
     memories: dict[int, dict[str, torch.Tensor]] = {}
     state, rows = exp.initial_state, []

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsubspace.config import with_defaults
+from fedsubspace.configure import with_defaults
 from fedsubspace.errors import UserError
 from fedsubspace.results import CONFIG, ERROR, Status, read_config, read_metrics, read_summary, status
 

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fedsubspace.config import ExperimentConfig, build_config, client_ranks, load_config
+from fedsubspace.config import ExperimentConfig, client_ranks
+from fedsubspace.configure import build_config, load_config
 from fedsubspace.errors import UserError
 from fedsubspace.experiment import clients_per_round
 from fedsubspace.experiments.layout import CENTRALIZED, run_path

@@ -56,8 +56,8 @@ _sessions: dict[str, Session] = {}
 
 def session(run_config: UserConfig) -> Session:
     """The experiment of a run config, built once per process."""
-    from fedsubspace.experiment import local_schedule, method_options, prepare
-    from fedsubspace.methods import get_method
+    from fedsubspace.configure import build_method
+    from fedsubspace.experiment import local_schedule, prepare
     from fedsubspace.privacy.run import RunPrivacy
 
     config = FlowerSettings.from_run_config(run_config).config
@@ -69,7 +69,7 @@ def session(run_config: UserConfig) -> Session:
         _sessions[key] = Session(
             config,
             exp,
-            get_method(config.method, method_options(config)),
+            build_method(config),
             local_schedule(config),
             None if privacy is None else privacy.dp,
         )

@@ -9,7 +9,7 @@ round under ``secagg`` is: :class:`SecAggRound` (that Strategy face) builds the 
 app trains from them as from any TRAIN message and answers with its uplink as ``FitRes`` parameters, which
 the mod masks; the average comes back as one pooled update, which the method aggregates with weight 1.
 That is the method's rule only when the rule reads nothing but the weighted sum of the uploads
-(``privacy.secagg`` in the method's file; ``config.validate`` refuses the others).
+(``privacy.secagg`` in the method's file; ``configure.validate`` refuses the others).
 
 Tensors travel by name elsewhere; ``FitIns``/``FitRes`` parameters are an ordered list, so the
 downlink's names go along in the ``FitIns`` config (``keys``, one string) and an upload is ordered by

@@ -33,11 +33,12 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from fedsubspace.client import client_context
+from fedsubspace.configure import build_method
 from fedsubspace.errors import UserError, as_user_error
-from fedsubspace.experiment import Experiment, method_options, prepare, sample_clients
+from fedsubspace.experiment import Experiment, prepare, sample_clients
 from fedsubspace.flower.payload import check_upload, content_bytes, from_record, to_record, update_from_upload
 from fedsubspace.flower.settings import FlowerSettings, config_digest
-from fedsubspace.methods import ClientContext, Method, get_method
+from fedsubspace.methods import ClientContext, Method
 from fedsubspace.predictions import write_predictions
 from fedsubspace.privacy.run import RunPrivacy
 from fedsubspace.results import FLOWER, PARTITION_STATS, RunDirectory, claim
@@ -399,7 +400,7 @@ def serve(grid: Grid, settings: FlowerSettings, run_dir: RunDirectory) -> None:
     run_dir.write_config(config.to_dict())
     exp = prepare(config)
     run_dir.write_json(PARTITION_STATS, exp.partition_stats)
-    method = get_method(config.method, method_options(config))
+    method = build_method(config)
     strategy = SubspaceStrategy(settings, exp, method, run_dir)
     if config.secagg:
         from fedsubspace.flower.secagg_server import serve_secagg

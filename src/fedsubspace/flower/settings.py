@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from fedsubspace import __version__
-from fedsubspace.config import FIELDS, ExperimentConfig, load_config
+from fedsubspace.config import ExperimentConfig
+from fedsubspace.configure import defaults, load_config
 from fedsubspace.errors import UserError
 from fedsubspace.results import default_out
 
@@ -40,7 +41,7 @@ FEDERATION_DEFAULTS: dict[str, Value] = {
 
 def run_config_defaults() -> dict[str, Value]:
     """``[tool.flwr.app.config]``: the federation's keys, then every experiment key, unset."""
-    return {**FEDERATION_DEFAULTS, **{name: "" for name in FIELDS}}
+    return {**FEDERATION_DEFAULTS, **{name: "" for name in defaults()}}
 
 
 def app_definition() -> dict[str, Any]:
@@ -113,9 +114,9 @@ def config_digest(config: ExperimentConfig) -> str:
 
 def experiment_overrides(run_config: Mapping[str, Value]) -> list[str]:
     """The experiment keys set in a run config, as ``--set`` overrides (strings are YAML, as there)."""
-    overrides = []
+    overrides, keys = [], defaults()
     for key, value in run_config.items():
-        if key in FIELDS and value != "":
+        if key in keys and value != "":
             overrides.append(f"{key}={value if isinstance(value, str) else json.dumps(value)}")
     return overrides
 

@@ -14,39 +14,23 @@ which optimisers and regulariser; ``finish`` post-processes the result) -> the s
 
 from __future__ import annotations
 
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from fedsubspace import lowrank
+from fedsubspace.methods.options import Declared, NoOptions, declarations
 from fedsubspace.methods.privacy import PrivacySupport
 from fedsubspace.state import ClientUpdate, Factors, GlobalState, carries_factors, flatten, unflatten
 
 Tensor = torch.Tensor
 # Extra client loss term, called once per optimiser step on the live (B, A) parameters of every module.
 Regularizer = Callable[[Mapping[str, tuple[Tensor, Tensor]]], Tensor]
-
-
-@dataclass(frozen=True)
-class MethodOptions:
-    """The hyperparameters of all methods, as the experiment config names them."""
-
-    mu: float = 0.05
-    alpha: float = 0.01
-    lambda_reg: float = 1e-5
-    max_update_norm: float | None = None
-    preserve_norm: bool = True
-    # subspace_reg: "orthonormal" (B = U) or "paper_code" (the reference code's rescaled factors)
-    subspace_reg_split: Literal["orthonormal", "paper_code"] = "orthonormal"
-    seed: int = 0  # the run seed, for server-side draws (flora's fresh A)
-    fedrot_lam: float = 1.0
-    fedrot_align: Literal["alternate", "A", "B"] = "alternate"
-    glora_server_rank: int | Literal["union"] | None = None  # None: the largest client rank
-    fedgalore_angle: float = 60.0  # degrees
 
 
 @dataclass(frozen=True)
@@ -118,9 +102,12 @@ class Method(ABC):
     personalised: ClassVar[bool] = False
     # Which privacy mechanisms the method's client and server rule can honour, and why (methods/privacy.py).
     privacy: ClassVar[PrivacySupport]
+    # The method's hyperparameters: a frozen dataclass of the config keys it reads (methods/options.py).
+    Options: ClassVar[type[Any]] = NoOptions
 
-    def __init__(self, options: MethodOptions) -> None:
-        self.options = options
+    def __init__(self, options: Any = None, seed: int = 0) -> None:
+        self.options = self.Options() if options is None else options
+        self.seed = seed  # the run's seed, for draws on the server (flora's fresh A)
 
     # --- client side ---------------------------------------------------------------------------
 
@@ -222,8 +209,24 @@ METHODS: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
+    declared = declared_options()
+    for key, option in declarations(cls.Options).items():
+        # an option several methods read is one declaration (methods/options.py), never a copy
+        if key in declared and declared[key].option is not option:
+            raise TypeError(f"{cls.name} declares option {key!r} again; reference the existing Option")
     METHODS[cls.name] = cls
     return cls
+
+
+def declared_options() -> dict[str, Declared]:
+    """Every method's options by config key, in the order the methods were registered."""
+    declared: dict[str, Declared] = {}
+    for name, cls in METHODS.items():
+        kinds = typing.get_type_hints(cls.Options)
+        for key, option in declarations(cls.Options).items():
+            readers = declared[key].methods if key in declared else ()
+            declared[key] = Declared(option, kinds[key], (*readers, name))
+    return declared
 
 
 def heterogeneous_methods() -> list[str]:

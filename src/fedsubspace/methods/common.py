@@ -12,7 +12,7 @@ from fedsubspace.state import ClientUpdate, Factors, GlobalState, weighted_avera
 Tensor = torch.Tensor
 
 
-def average_heads(updates: list[ClientUpdate], weights: list[float]) -> dict:
+def average_heads(updates: list[ClientUpdate], weights: list[float]) -> dict[str, Tensor]:
     if not updates[0].head:
         return {}
     return weighted_average([u.head for u in updates], weights)

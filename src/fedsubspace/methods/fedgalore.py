@@ -21,7 +21,7 @@ Per module and round:
 Server: ``W <- W + sum_i p_i B_i A_i`` exactly, merged into the residual from the stacked factors. Second
 moment synchronisation ("spectral shared-signal extraction", AJIVE-style): orthonormal bases of the row
 spaces of the uploaded V_i, joint directions ``Phi`` (n' x q) = eigenvectors of ``sum p_i Q_i Q_i^T`` with
-eigenvalue >= cos^2(theta / 2), theta = ``fedgalore_angle`` (default 60 degrees): AJIVE's principal-angle
+eigenvalue >= cos^2(theta / 2), theta = ``fedgalore_angle_threshold`` (60 degrees): AJIVE's principal-angle
 rule for two subspaces, see :func:`fedsubspace.lowrank.joint_subspace`. The server broadcasts Phi; each
 client forms ``max(eps, V_i Phi Phi^T)`` (eps 1e-12) from the V_i it uploaded itself, which is exactly what
 "send each client max(eps, V_i Phi Phi^T)" delivers, without a per-client message, and maps it into its
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,6 +52,7 @@ from fedsubspace.methods.base import (
     register,
 )
 from fedsubspace.methods.common import average_heads, exact_sum, merged_residual
+from fedsubspace.methods.options import Check, Option
 from fedsubspace.methods.privacy import Support, individual_uploads
 from fedsubspace.state import ClientUpdate, Factors, GlobalState, flatten
 
@@ -118,7 +120,7 @@ class ProjectedAdam(torch.optim.Optimizer):
             st["N"] += update
             oriented(weight, right).add_((P @ update).to(weight.dtype))
 
-    def _start(self, name: str, gradient: Tensor) -> dict:
+    def _start(self, name: str, gradient: Tensor) -> dict[str, Any]:
         rank = min(self.rank, *gradient.shape)
         P = torch.linalg.svd(gradient, full_matrices=False)[0][:, :rank]
         moments = torch.zeros(rank, gradient.shape[1], dtype=gradient.dtype, device=gradient.device)
@@ -143,6 +145,15 @@ def _phi_key(module: str) -> str:
     return f"fedgalore/phi/{module}"
 
 
+@dataclasses.dataclass(frozen=True)
+class FedGaLoreOptions:
+    fedgalore_angle_threshold: float = Option(
+        60.0,
+        "principal-angle threshold of the joint-subspace extraction of second moments, in degrees",
+        Check(lambda value: 0.0 < value <= 90.0, "must be in (0, 90] degrees"),
+    ).field()
+
+
 @register
 class FedGaLore(TruncatingReadout, Method):
     name = "fedgalore"
@@ -157,6 +168,8 @@ class FedGaLore(TruncatingReadout, Method):
     trains = frozenset()
     heterogeneous_ranks = True
     merges_into_base = True
+    Options = FedGaLoreOptions
+    options: FedGaLoreOptions
 
     def warm_start(self, state: GlobalState, ctx: ClientContext) -> dict[str, tuple[Tensor, Tensor]]:
         """``(P_old, max(eps, V_old Phi Phi^T))`` per module, for a client that trained before."""
@@ -220,7 +233,9 @@ class FedGaLore(TruncatingReadout, Method):
         for module in state.factors:
             merges[module] = exact_sum(updates, weights, module, 1.0)
             bases = [lowrank.orthonormal_basis(u.extras[f"V/{module}"].mT) for u in updates]
-            extras[_phi_key(module)], _ = lowrank.joint_subspace(bases, weights, self.options.fedgalore_angle)
+            extras[_phi_key(module)], _ = lowrank.joint_subspace(
+                bases, weights, self.options.fedgalore_angle_threshold
+            )
         return state.next(
             head=average_heads(updates, weights),
             residual=merged_residual(state, merges),

@@ -16,21 +16,38 @@ A, odd ``t >= 3`` aligns B. ``align = A`` or ``B`` aligns that factor in every r
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fedsubspace import lowrank
 from fedsubspace.methods.base import Method, register
 from fedsubspace.methods.common import average_heads, weighted_sum
+from fedsubspace.methods.options import Check, Option, one_of
 from fedsubspace.methods.privacy import individual_uploads
 from fedsubspace.state import ClientUpdate, GlobalState
 
 Tensor = torch.Tensor
 
 
+@dataclass(frozen=True)
+class FedRotOptions:
+    fedrot_lam: float = Option(
+        1.0,
+        "strength of the rotation: 0 = fedavg, 1 = hard alignment",
+        Check(lambda value: 0.0 <= value <= 1.0, "must be in [0, 1]"),
+    ).field()
+    fedrot_align: str = Option(
+        "alternate", "which factor is aligned: alternate (A, then B), A or B", one_of("alternate", "A", "B")
+    ).field()
+
+
 @register
 class FedRot(Method):
     name = "fedrot"
     privacy = individual_uploads("rotates each client's factors by its own R_i before averaging")
+    Options = FedRotOptions
+    options: FedRotOptions
 
     def aligned_factor(self, round_index: int) -> str | None:
         """Which factor round ``round_index`` (1-based) aligns: "A", "B" or None."""

@@ -11,11 +11,19 @@ is exact here, so ``preserve_norm`` has nothing to restore and does not apply.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fedsubspace import lowrank
 from fedsubspace.methods.base import Method, register
 from fedsubspace.methods.common import average_heads, weighted_sum
+from fedsubspace.methods.options import MAX_UPDATE_NORM
 from fedsubspace.methods.privacy import summed_upload
 from fedsubspace.state import ClientUpdate, GlobalState
+
+
+@dataclass(frozen=True)
+class FedSVDOptions:
+    max_update_norm: float | None = MAX_UPDATE_NORM.field()
 
 
 @register
@@ -23,6 +31,8 @@ class FedSVD(Method):
     name = "fedsvd"
     privacy = summed_upload("B and head (the SVD re-factorises the sum)")
     trains = frozenset({"B"})
+    Options = FedSVDOptions
+    options: FedSVDOptions
 
     def aggregate(self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]) -> GlobalState:
         factors = {}

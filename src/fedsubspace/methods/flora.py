@@ -39,7 +39,7 @@ class FLoRA(TruncatingReadout, Method):
 
     def fresh_adapter(self, template: Factors, round_index: int) -> Factors:
         """The adapter every client starts from after round ``round_index``: B zero, A drawn afresh."""
-        generator = torch.Generator().manual_seed(stream_seed(self.options.seed, REINIT, round_index))
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, REINIT, round_index))
         factors = {}
         for module, (B_g, A_g) in template.items():
             bound = 1.0 / math.sqrt(A_g.shape[-1])

@@ -23,11 +23,14 @@ is formed anywhere.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fedsubspace import lowrank
 from fedsubspace.methods.base import Method, register, truncated_readout
 from fedsubspace.methods.common import average_heads, exact_sum
+from fedsubspace.methods.options import Check, Option
 from fedsubspace.methods.privacy import individual_uploads
 from fedsubspace.state import ClientUpdate, Factors, GlobalState
 
@@ -38,17 +41,32 @@ def _keys(module: str) -> tuple[str, str]:
     return f"glora/U_ref/{module}", f"glora/Z/{module}"
 
 
+@dataclass(frozen=True)
+class GLoRAOptions:
+    glora_server_rank: int | str | None = Option(
+        None,
+        "rank of the server's consensus subspace; union: the sum of the client ranks (exact), null: the "
+        "largest client rank",
+        Check(
+            lambda value: value is None or value == "union" or (isinstance(value, int) and value >= 1),
+            "must be a positive integer, union, or null (the largest client rank)",
+        ),
+    ).field()
+
+
 @register
 class GLoRA(Method):
     name = "glora"
     privacy = individual_uploads("needs each client's column space orth(B_i)")
     heterogeneous_ranks = True
+    Options = GLoRAOptions
+    options: GLoRAOptions
 
     def server_rank(self, client_ranks: list[int]) -> int:
         chosen = self.options.glora_server_rank
         if chosen is None:
             return max(client_ranks)
-        return sum(client_ranks) if chosen == "union" else chosen
+        return sum(client_ranks) if chosen == "union" else int(chosen)
 
     def readout(self, state: GlobalState, rank: int, scaling: float) -> Factors:
         if _keys(next(iter(state.factors)))[0] not in state.extras:

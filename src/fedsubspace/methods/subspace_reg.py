@@ -17,27 +17,46 @@ input, not to the model).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
 from fedsubspace import lowrank
-from fedsubspace.methods.base import Method, MethodOptions, Regularizer, register
+from fedsubspace.methods.base import Method, Regularizer, register
 from fedsubspace.methods.common import svd_refactorise
+from fedsubspace.methods.options import MAX_UPDATE_NORM, NOT_NEGATIVE, PRESERVE_NORM, Option, one_of
 from fedsubspace.methods.privacy import Support, individual_uploads
 from fedsubspace.state import ClientUpdate, GlobalState
 
 Tensor = torch.Tensor
 
 
+@dataclass(frozen=True)
+class SubspaceRegOptions:
+    mu: float = Option(0.05, "weight of the product fit (mu/2)||s B A - dW_g||^2", NOT_NEGATIVE).field()
+    alpha: float = Option(0.01, "weight of the basis anchor (alpha/2)||B - B_g||^2", NOT_NEGATIVE).field()
+    lambda_reg: float = Option(
+        1e-5, "weight decay of both factors (lambda/2)(||A||^2 + ||B||^2)", NOT_NEGATIVE
+    ).field()
+    max_update_norm: float | None = MAX_UPDATE_NORM.field()
+    preserve_norm: bool = PRESERVE_NORM.field()
+    subspace_reg_split: str = Option(
+        "orthonormal",
+        "the server's split: orthonormal (B = U) or paper_code (the reference code's factors, both "
+        "rescaled by sqrt(||T|| / ||T_r||); the same product)",
+        one_of("orthonormal", "paper_code"),
+    ).field()
+
+
 class SubspaceRegularizer:
     """The Subspace-Reg penalty against a fixed global state, for one client round."""
 
-    def __init__(self, state: GlobalState, options: MethodOptions) -> None:
+    def __init__(self, state: GlobalState, options: SubspaceRegOptions) -> None:
         self.options = options
         self.scaling = state.scaling
         self.num_modules = len(state.factors)
         # Modules of one shape are stacked so each step costs a few batched matmuls, not a Python loop.
-        groups: dict[tuple, list[str]] = {}
+        groups: dict[tuple[tuple[int, ...], tuple[int, ...]], list[str]] = {}
         for name, (B, A) in state.factors.items():
             groups.setdefault((tuple(B.shape), tuple(A.shape)), []).append(name)
         self.groups = []
@@ -80,6 +99,8 @@ class SubspaceReg(Method):
             "after clipping and noise and costs no privacy",
         ),
     )
+    Options = SubspaceRegOptions
+    options: SubspaceRegOptions
 
     def client_regularizer(self, state: GlobalState) -> Regularizer:
         return SubspaceRegularizer(state, self.options)
