@@ -30,7 +30,7 @@ from logging import ERROR, INFO, WARNING
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 
 from fedsubspace.errors import UserError, as_user_error
 from fedsubspace.experiment import Experiment, method_options, prepare, sample_clients
@@ -67,13 +67,13 @@ def info(text: str) -> None:
     log(INFO, "%s", text)
 
 
-class SubspaceStrategy(FedAvg):
-    """FedAvg's round structure with fedsubspace's method deciding what travels and how it is aggregated."""
+class SubspaceStrategy(Strategy):
+    """Flower's round structure (:meth:`Strategy.start`) with fedsubspace's method deciding who trains,
+    what travels and how it is aggregated: the five steps Flower's abstract Strategy leaves open."""
 
     def __init__(
         self, settings: FlowerSettings, exp: Experiment, method: Method, run_dir: RunDirectory
     ) -> None:
-        super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=0)
         self.settings, self.exp, self.method, self.config = settings, exp, method, exp.config
         self.server = RoundServer(
             method,
