@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from test_federation import MIXED_RANK_METHODS, tiny
+from helpers import MIXED_RANK_METHODS, tiny, update_tensors
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -45,7 +45,7 @@ def is_cpu_scalar(t: Tensor) -> bool:
 class DeviceGuard(TorchFunctionMode):
     """Raises on any torch operation that mixes tensors of two devices (CPU scalars aside)."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in VALUE_READS and args[0].device == META:
             return VALUE_READS[func]
@@ -94,14 +94,6 @@ def assert_on_server(tensors: list[Tensor], what: str) -> None:
         assert not t.is_floating_point() or t.dtype in (torch.float32, torch.float64), f"{what}: {t.dtype}"
 
 
-def update_tensors(update: ClientUpdate) -> list[Tensor]:
-    return [
-        *(t for pair in update.factors.values() for t in pair),
-        *update.head.values(),
-        *update.extras.values(),
-    ]
-
-
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_client_round_never_mixes_devices(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Round 1 trains two clients on the CPU (so the state carries what later rounds read: merged
@@ -113,7 +105,7 @@ def test_client_round_never_mixes_devices(method: str, monkeypatch: pytest.Monke
     rule = get_method(method, method_options(config))
     memories: dict[int, dict[str, Tensor]] = {0: {}, 1: {}}
 
-    def client_round(state, round_index: int, client_id: int) -> ClientUpdate:  # type: ignore[no-untyped-def]
+    def client_round(state, round_index: int, client_id: int) -> ClientUpdate:
         seeded = {"seed": config.seed, "round_index": round_index, "client_id": client_id}
         rank, memory = exp.client_ranks[client_id], memories[client_id]
         data = exp.partitions[client_id]

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_devices import update_tensors
-from test_federation import MIXED_RANK_METHODS, tiny
+from helpers import MIXED_RANK_METHODS, tiny, update_tensors
 
 from fedsubspace.client import train_client
 from fedsubspace.errors import UserError
@@ -15,7 +14,7 @@ from fedsubspace.methods import METHODS, get_method
 from fedsubspace.server import evaluate_loaded
 
 
-def one_round(method: str, *overrides: str):  # type: ignore[no-untyped-def]
+def one_round(method: str, *overrides: str):
     """Two clients of round 1 and the aggregated state, with every tensor the server receives."""
     mixed = ["client_ranks=[4, 2, 2, 4]"] if method in MIXED_RANK_METHODS else []
     config = tiny(
@@ -26,7 +25,7 @@ def one_round(method: str, *overrides: str):  # type: ignore[no-untyped-def]
     memories: list[dict[str, torch.Tensor]] = [{}, {}]
     schedule = local_schedule(config)
 
-    def client(c: int):  # type: ignore[no-untyped-def]
+    def client(c: int):
         seeded = {"seed": config.seed, "round_index": 1, "client_id": c, "rank": exp.client_ranks[c]}
         data = exp.partitions[c]
         return train_client(
@@ -38,7 +37,7 @@ def one_round(method: str, *overrides: str):  # type: ignore[no-untyped-def]
     return exp, updates, memories, state
 
 
-def server_tensors(state) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+def server_tensors(state) -> list[torch.Tensor]:
     return [
         *(t for pair in state.factors.values() for t in pair),
         *state.head.values(),

@@ -216,10 +216,10 @@ class SubspaceStrategy(Strategy):
         clients reported missing (a node that failed is asked who it is again before its next round)."""
         by_id = {s.message.metadata.message_id: s for s in self.sent}
         received: dict[int, Message] = {}
-        for reply in replies:
-            sent = by_id.get(reply.metadata.reply_to_message_id)
+        for message in replies:
+            sent = by_id.get(message.metadata.reply_to_message_id)
             if sent is not None:
-                received[sent.client] = reply
+                received[sent.client] = message
         usable = {}
         for sent in self.sent:
             reply = received.get(sent.client)
@@ -296,9 +296,9 @@ class SubspaceStrategy(Strategy):
     def read_update(self, client: int, reply: Message, server_round: int) -> tuple[ClientUpdate | None, str]:
         """The update a reply carries, or None and why it cannot be used."""
         try:
-            config, metrics = reply.content["config"], reply.content["metrics"]
-            upload = from_record(reply.content["arrays"])
-            claimed, num_examples = int(config["partition-id"]), metrics["num-examples"]
+            config, metrics = reply.content.config_records["config"], reply.content.metric_records["metrics"]
+            upload = from_record(reply.content.array_records["arrays"])
+            claimed, num_examples = int(config["partition-id"]), metrics["num-examples"]  # type: ignore[arg-type]
             trained = frozenset(str(f) for f in config["trained"])  # type: ignore[union-attr]
             scaling, train_loss = float(config["scaling"]), float(metrics["train-loss"])  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError) as exc:
