@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForMultipleChoice, LlamaConfig, RobertaConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMultipleChoice,
+    LlamaConfig,
+    PretrainedConfig,
+    RobertaConfig,
+)
 
 from fedsubspace.errors import UserError
 from fedsubspace.models import ENCODER_HEAD, LoadedModel, load_model
@@ -103,6 +109,7 @@ def build_shape(name: str, torch_dtype: torch.dtype, load_in_4bit: bool) -> Load
         raise UserError(f"{PREFIX}{name} has random weights: load_in_4bit is for real models")
     shape = SHAPES[name]
     tokenizer = load_model(f"tiny-{shape.kind}", shape.kind, device="cpu").tokenizer
+    config: PretrainedConfig
     if shape.kind == "encoder":
         config = RobertaConfig(**shape.sizes, pad_token_id=tokenizer.pad_token_id)
         model = AutoModelForMultipleChoice.from_config(config, dtype=torch_dtype)
