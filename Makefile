@@ -22,6 +22,7 @@ install: $(BIN)/fedsubspace
 test: install
 	$(BIN)/fedsubspace models fetch minilm-l6
 	$(BIN)/ruff check src tests
+	$(BIN)/mypy
 	$(BIN)/pytest
 
 demo: install

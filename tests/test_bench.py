@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from test_simulation import FIXTURE, ROOT
+from helpers import FIXTURE, ROOT
 
 from fedsubspace.bench import causal_eval
 from fedsubspace.cli import main

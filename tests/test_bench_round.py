@@ -6,7 +6,7 @@ import dataclasses
 import json
 
 import pytest
-from test_simulation import FIXTURE, ROOT
+from helpers import FIXTURE, ROOT
 
 from fedsubspace import shapes
 from fedsubspace.cli import main

@@ -10,8 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_flower import assert_same_rows, one_experiment_per_config, run_flower_in_process  # noqa: F401
-from test_simulation import METRIC_KEYS, ROOT
+from helpers import METRIC_KEYS, ROOT, assert_same_rows, run_flower_in_process
 from transformers import AutoModelForSequenceClassification
 
 from fedsubspace import simulation
@@ -182,7 +181,7 @@ def test_the_sequence_head_scores_match_a_hand_computed_example():
     assert result.accuracy == pytest.approx(2 / 3) and result.num_examples == 3
 
 
-def load_classification_rows(texts: list[str], labels: list[int], pairs: list[str] | None = None):
+def load_classification_rows(texts: list[str], labels: list[int], pairs: list[str | None] | None = None):
     import datasets
 
     from fedsubspace.data.classification import features

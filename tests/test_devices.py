@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from test_federation import MIXED_RANK_METHODS, tiny
+from helpers import MIXED_RANK_METHODS, tiny, update_tensors
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -47,7 +47,7 @@ def is_cpu_scalar(t: Tensor) -> bool:
 class DeviceGuard(TorchFunctionMode):
     """Raises on any torch operation that mixes tensors of two devices (CPU scalars aside)."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in VALUE_READS and args[0].device == META:
             return VALUE_READS[func]
@@ -94,14 +94,6 @@ def assert_on_server(tensors: list[Tensor], what: str) -> None:
     for t in tensors:
         assert t.device.type == "cpu", f"{what}: a tensor on {t.device}"
         assert not t.is_floating_point() or t.dtype in (torch.float32, torch.float64), f"{what}: {t.dtype}"
-
-
-def update_tensors(update: ClientUpdate) -> list[Tensor]:
-    return [
-        *(t for pair in update.factors.values() for t in pair),
-        *update.head.values(),
-        *update.extras.values(),
-    ]
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

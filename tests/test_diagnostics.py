@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_methods import make_round
+from helpers import MODULES, dense, dense_average, make_round, mixed_round
 
 from fedsubspace import lowrank
 from fedsubspace.diagnostics import round_diagnostics
@@ -78,3 +78,32 @@ def test_update_overlap_ignores_directions_the_other_factor_removes():
     A[2] = 0  # the third column of B does not reach the product
     assert lowrank.product_basis(B, A).shape[1] == 2
     assert lowrank.orthonormal_basis(B).shape[1] == 3
+
+
+# --- mixed client ranks and merging rules --------------------------------------------------------------
+
+
+def test_diagnostics_on_mixed_ranks_match_dense_definitions():
+    state, updates, p = mixed_round([2, 5, 3], seed=12)
+    new = get_method("flexlora").aggregate(state, updates, p)
+    d = round_diagnostics(updates, p, new)
+    modules = list(MODULES)
+    flat = [torch.cat([dense(u, m, state.scaling).flatten() for m in modules]) for u in updates]
+    average = sum(w * f for w, f in zip(p, flat))
+    new_flat = torch.cat([(new.scaling * new.factors[m][0] @ new.factors[m][1]).flatten() for m in modules])
+    assert d["cancellation_ratio"] == pytest.approx(
+        float(average.norm()) / sum(w * float(f.norm()) for w, f in zip(p, flat))
+    )
+    assert d["aggregation_error"] == pytest.approx(float((new_flat - average).norm() / average.norm()))
+    assert 0.0 <= d["basis_overlap"] <= 1.0 and 0.0 <= d["update_overlap"] <= 1.0 + 1e-9
+
+
+def test_diagnostics_compare_merging_rules_with_their_whole_round_update():
+    state, updates, p = make_round(10, 8, 3, 3, seed=6)
+    for name in ("fedex", "flora"):
+        new = get_method(name).aggregate(state, updates, p)
+        d = round_diagnostics(updates, p, new)
+        assert d["aggregation_error"] < 1e-10  # exact rules, measured with the merge included
+        exact = torch.cat([dense_average(updates, p, m, state.scaling).flatten() for m in state.factors])
+        assert d["aggregated_update_norm"] == pytest.approx(float(exact.norm()))
+    assert math.isnan(d["basis_overlap"])  # flora's global adapter is B = 0: no basis to compare

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import yaml
-from test_methods import dense_average, make_round
+from helpers import dense_average, make_round
 
 from fedsubspace.configure import build_config, defaults
 from fedsubspace.diagnostics import round_diagnostics

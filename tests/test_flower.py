@@ -3,7 +3,6 @@ how it is counted, faults, and real SuperLink + SuperNode processes on 127.0.0.1
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import signal
@@ -18,18 +17,23 @@ import pytest
 import tomli_w
 import torch
 import yaml
-from flwr.app import Array, Context, Error, Message, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
-from test_resume import crash_after_round, held_by_another_process
-from test_simulation import FIXTURE, ROOT
+from flwr.app import Array, Message, RecordDict
+from helpers import (
+    FIXTURE,
+    ROOT,
+    assert_same_rows,
+    capture_states,
+    crash_after_round,
+    held_by_another_process,
+    kill_node,
+    run_flower_in_process,
+)
 
-from fedsubspace import experiment, simulation
+from fedsubspace import simulation
 from fedsubspace.cli import main
 from fedsubspace.configure import load_config
 from fedsubspace.errors import UserError
 from fedsubspace.experiment import sample_clients
-from fedsubspace.flower import client_app, server_app
 from fedsubspace.flower.local import LocalFederation
 from fedsubspace.flower.payload import (
     apply_catch_up,
@@ -49,8 +53,6 @@ from fedsubspace.state import GlobalState, MergeHistory, flatten, load_state, pa
 CONFIG = ROOT / "configs" / "tiny-encoder.yaml"
 FAST = [f"dataset={FIXTURE}", "max_eval_samples=16", "max_local_steps=2"]
 MIXED_RANKS = "client_ranks=[2, 4, 4, 4]"  # rounds 1 and 2 (seed 42) train clients 0 (rank 2) and 3 (rank 4)
-TIMING = {"seconds", "train_seconds", "aggregate_seconds", "diagnostics_seconds", "eval_seconds"}
-EXACT_KEYS = ("round", "selected_clients", "skipped_clients", "eval_accuracy", "bytes_up", "bytes_down")
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,126 +68,11 @@ def assert_states_close(a: GlobalState, b: GlobalState, tol: float = 1e-5) -> No
         assert rel_error(flat_a[key], flat_b[key]) <= tol, f"{key} differs after round {a.round}"
 
 
-def assert_same_rows(flower: list[dict], in_process: list[dict], *, diagnostics: bool = True) -> None:
-    assert len(flower) == len(in_process)
-    for f, p in zip(flower, in_process):
-        assert {k: f[k] for k in EXACT_KEYS} == {k: p[k] for k in EXACT_KEYS}
-        assert f["missing_clients"] == []
-        assert f["eval_loss"] == pytest.approx(p["eval_loss"], rel=1e-6)
-        assert f["train_loss"] == pytest.approx(p["train_loss"], rel=1e-6)
-        if diagnostics:
-            for key in p.keys() - TIMING - set(EXACT_KEYS) - {"eval_loss", "train_loss"}:
-                expected = p[key] if p[key] is None else pytest.approx(p[key], rel=1e-5, abs=1e-9)
-                assert f[key] == expected, key
-
-
-def capture_states(monkeypatch, method: str) -> list[GlobalState]:
-    """Every global state the method's aggregation returns, in order (both runners call it)."""
-    states: list[GlobalState] = []
-    cls = METHODS[method]
-    real = cls.aggregate
-
-    def recording(self, state, updates, weights):
-        new = real(self, state, updates, weights)
-        states.append(new)
-        return new
-
-    monkeypatch.setattr(cls, "aggregate", recording)
-    return states
-
-
-class InProcessGrid(Grid):
-    """A Grid that hands every message to the ClientApp in this process, each node keeping its Flower
-    context between messages as a SuperNode does; ``intercept(message, reply)`` may alter or drop
-    (None) a reply."""
-
-    def __init__(self, run_config: dict, num_nodes: int, intercept: Callable | None = None) -> None:
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # as in a ServerApp process
-        self.contexts = {
-            100 + k: Context(
-                run_id=1,
-                node_id=100 + k,
-                node_config={"partition-id": k, "num-partitions": num_nodes},
-                state=RecordDict(),
-                run_config=dict(run_config),
-            )
-            for k in range(num_nodes)
-        }
-        self.intercept = intercept
-
-    def set_run(self, run) -> None:
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs) -> Message:
-        raise NotImplementedError
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
-        replies = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = message.object_id  # as the real Grid does
-            try:
-                reply = client_app.app(message, self.contexts[message.metadata.dst_node_id])
-            except Exception as exc:  # what the SuperNode reports when a ClientApp raises
-                reply = Message(Error(code=0, reason=repr(exc)), reply_to=message)
-            if self.intercept is not None:
-                reply = self.intercept(message, reply)
-            if reply is not None:
-                replies.append(reply)
-        return replies
-
-
-def run_flower_in_process(
-    config, out: Path, *, intercept: Callable | None = None, node_configs: dict | None = None, **knobs
-) -> None:
-    """The ServerApp and ClientApps of ``config`` in this process (no SuperLink, no SuperNodes);
-    ``node_configs`` adds run config keys as one client's node sees them."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out.parent / f"{out.name}.yaml").write_text(yaml.safe_dump(config.to_dict()))
-    run_config = {"config-file": str(out.parent / f"{out.name}.yaml"), "out-dir": str(out), **knobs}
-    grid = InProcessGrid(run_config, config.num_clients, intercept)
-    for client, keys in (node_configs or {}).items():
-        grid.contexts[100 + client].run_config.update(keys)
-    server_app.app(
-        grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    )
-
-
 def tiny(method: str, *overrides: str):
     return load_config(CONFIG, [*FAST, *overrides], method=method)
 
 
 # --- every method, the same numbers -------------------------------------------------------------
-
-
-@pytest.fixture
-def one_experiment_per_config(monkeypatch) -> None:
-    """The in-process run, the ServerApp and the ClientApps of a test share one prepared experiment,
-    as the in-process runner's server and clients do (every use reloads the weights it needs); the
-    real-process tests below keep them apart."""
-    cache: dict[str, experiment.Experiment] = {}
-    real = experiment.prepare
-
-    def prepare(config):
-        key = json.dumps(config.to_dict(), sort_keys=True)
-        if key not in cache:
-            cache[key] = real(config)
-        return cache[key]
-
-    for module in (experiment, simulation, server_app):
-        monkeypatch.setattr(module, "prepare", prepare)
 
 
 @pytest.mark.timeout(300)
@@ -227,8 +114,9 @@ def victim_of(config, round_index: int = 1) -> int:
 def in_round_one(message: Message, client: int) -> bool:
     """Whether ``message`` is the round 1 TRAIN message to ``client``."""
     config = message.content.config_records.get("config")
-    train = message.metadata.message_type == "train" and config is not None
-    return train and config["server-round"] == 1 and config["partition-id"] == client
+    if message.metadata.message_type != "train" or config is None:
+        return False
+    return config["server-round"] == 1 and config["partition-id"] == client
 
 
 def poison(victim: int, how: Callable[[RecordDict], None]) -> Callable:
@@ -243,16 +131,18 @@ def poison(victim: int, how: Callable[[RecordDict], None]) -> Callable:
 
 
 def set_nan(content: RecordDict) -> None:
-    key = next(k for k in content["arrays"] if k.startswith("lora_B/"))
-    tensor = from_record(content["arrays"])[key]
+    arrays = content.array_records["arrays"]
+    key = next(k for k in arrays if k.startswith("lora_B/"))
+    tensor = from_record(arrays)[key]
     tensor[0, 0] = float("nan")
-    content["arrays"][key] = Array(tensor.numpy())
+    arrays[key] = Array(tensor.numpy())
 
 
 def widen(content: RecordDict) -> None:
-    key = next(k for k in content["arrays"] if k.startswith("lora_A/"))
-    tensor = from_record(content["arrays"])[key]
-    content["arrays"][key] = Array(torch.cat([tensor, tensor], dim=1).numpy())
+    arrays = content.array_records["arrays"]
+    key = next(k for k in arrays if k.startswith("lora_A/"))
+    tensor = from_record(arrays)[key]
+    arrays[key] = Array(torch.cat([tensor, tensor], dim=1).numpy())
 
 
 @pytest.mark.timeout(120)
@@ -621,7 +511,7 @@ def test_glora_with_mixed_ranks_on_supernodes_reproduces_the_in_process_run(
     watcher.join()
     reproduces_in_process(out, tmp_path / "in-process", states, in_process)
     rows = read_metrics(out)
-    assert {config.client_ranks[c] for c in rows[1]["selected_clients"]} == {2, 4}  # type: ignore[index]
+    assert {config.client_ranks[c] for c in rows[1]["selected_clients"]} == {2, 4}
 
 
 @pytest.mark.timeout(400)
@@ -635,7 +525,7 @@ def test_a_supernode_killed_mid_round_is_missed_and_its_restart_rejoins(tmp_path
     while not any("round 1: clients" in line for line in log):
         assert thread.is_alive() and time.monotonic() < deadline, "".join(log)
         time.sleep(0.2)
-    federation.kill_node(victim, signal.SIGKILL)  # a crash: the node, its SuperExec and ClientApp
+    kill_node(federation, victim, signal.SIGKILL)  # a crash: the node, its SuperExec and ClientApp
     federation.start_node(victim)  # ... and it comes back
     thread.join()
     text = "".join(log)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import cosine, frobenius_norm, project
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -358,7 +359,7 @@ def test_clip_and_preserve_zero_and_batched(dtype: torch.dtype) -> None:
 # --- split_factors ---------------------------------------------------------------------------------
 
 
-SPLITS = ("symmetric", "orthonormal_B", "orthonormal_A")
+SPLITS: tuple[lowrank.Split, ...] = ("symmetric", "orthonormal_B", "orthonormal_A")
 
 
 @HYPOTHESIS
@@ -425,14 +426,14 @@ def test_frobenius_inner_norm_gram_cosine(clients: Clients) -> None:
     assert gram.shape == (len(L), len(L)) and gram.dtype == clients.dtype
     torch.testing.assert_close(gram, gram.mT, rtol=0, atol=0)
     for i in range(len(L)):
-        norm = lowrank.frobenius_norm(L[i], R[i])
+        norm = frobenius_norm(L[i], R[i])
         # sqrt of a rounded square: absolute error ~ sqrt(atol) near zero, relative otherwise.
         assert abs(float(norm) - float(torch.linalg.matrix_norm(dense[i]))) <= math.sqrt(atol) + atol
         for j in range(len(L)):
             inner = float((dense[i] * dense[j]).sum())
             assert abs(float(lowrank.frobenius_inner(L[i], R[i], L[j], R[j])) - inner) <= atol
             assert abs(float(gram[i, j]) - inner) <= atol
-            cos = float(lowrank.cosine(L[i], R[i], L[j], R[j]))
+            cos = float(cosine(L[i], R[i], L[j], R[j]))
             norms = float(torch.linalg.matrix_norm(dense[i]) * torch.linalg.matrix_norm(dense[j]))
             if norms == 0:
                 assert cos == 0.0
@@ -445,11 +446,11 @@ def test_cosine_of_zero_and_parallel_products(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(3)
     L = torch.randn(6, 2, generator=gen, dtype=F64).to(dtype)
     R = torch.randn(2, 5, generator=gen, dtype=F64).to(dtype)
-    assert float(lowrank.cosine(L, R, torch.zeros_like(L), R)) == 0.0
-    assert float(lowrank.cosine(torch.zeros_like(L), R, torch.zeros_like(L), R)) == 0.0
-    assert math.isclose(float(lowrank.cosine(L, R, 3 * L, R)), 1.0, rel_tol=10 * tol(dtype))
-    assert math.isclose(float(lowrank.cosine(L, R, -L, R)), -1.0, rel_tol=10 * tol(dtype))
-    assert float(lowrank.frobenius_norm(torch.zeros_like(L), R)) == 0.0
+    assert float(cosine(L, R, torch.zeros_like(L), R)) == 0.0
+    assert float(cosine(torch.zeros_like(L), R, torch.zeros_like(L), R)) == 0.0
+    assert math.isclose(float(cosine(L, R, 3 * L, R)), 1.0, rel_tol=10 * tol(dtype))
+    assert math.isclose(float(cosine(L, R, -L, R)), -1.0, rel_tol=10 * tol(dtype))
+    assert float(frobenius_norm(torch.zeros_like(L), R)) == 0.0
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -458,11 +459,11 @@ def test_frobenius_inner_batched_equals_loop(dtype: torch.dtype) -> None:
     L1, L2 = (torch.randn(3, 7, r, generator=gen, dtype=F64).to(dtype) for r in (2, 4))
     R1, R2 = (torch.randn(3, r, 6, generator=gen, dtype=F64).to(dtype) for r in (2, 4))
     batched = lowrank.frobenius_inner(L1, R1, L2, R2)
-    norms = lowrank.frobenius_norm(L1, R1)
+    norms = frobenius_norm(L1, R1)
     assert batched.shape == (3,) and norms.shape == (3,)
     for i in range(3):
         torch.testing.assert_close(batched[i], lowrank.frobenius_inner(L1[i], R1[i], L2[i], R2[i]))
-        torch.testing.assert_close(norms[i], lowrank.frobenius_norm(L1[i], R1[i]))
+        torch.testing.assert_close(norms[i], frobenius_norm(L1[i], R1[i]))
         torch.testing.assert_close(
             batched[i].to(F64),
             ((L1[i].to(F64) @ R1[i].to(F64)) * (L2[i].to(F64) @ R2[i].to(F64))).sum(),
@@ -506,7 +507,7 @@ def test_orthonormal_basis(case: tuple[torch.Tensor, int]) -> None:
         torch.testing.assert_close(projector(Q), projector(U[:, :rank]), atol=100 * tol(matrix.dtype), rtol=0)
         # The column space itself: projecting the matrix onto it changes nothing.
         torch.testing.assert_close(
-            lowrank.project(Q, matrix).to(F64), matrix.to(F64), atol=100 * tol(matrix.dtype), rtol=0
+            project(Q, matrix).to(F64), matrix.to(F64), atol=100 * tol(matrix.dtype), rtol=0
         )
 
 
@@ -533,10 +534,10 @@ def test_project_matches_dense_projector(case: tuple[torch.Tensor, int], seed: i
     Q = lowrank.orthonormal_basis(matrix)
     gen = torch.Generator().manual_seed(seed)
     X = torch.randn(matrix.shape[0], 3, generator=gen, dtype=F64).to(matrix.dtype)
-    projected = lowrank.project(Q, X)
+    projected = project(Q, X)
     assert projected.shape == X.shape
     torch.testing.assert_close(projected.to(F64), projector(Q) @ X.to(F64), atol=10 * tol(X.dtype), rtol=0)
-    torch.testing.assert_close(lowrank.project(Q, projected), projected, atol=10 * tol(X.dtype), rtol=0)
+    torch.testing.assert_close(project(Q, projected), projected, atol=10 * tol(X.dtype), rtol=0)
 
 
 def random_bases(gen: torch.Generator, m: int, ranks: list[int], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -559,8 +560,8 @@ def test_consensus_basis_matches_average_projector(
     bases = random_bases(gen, m, ranks, dtype)
     if duplicate:
         bases.append(bases[0].clone())
-    weights = torch.rand(len(bases), generator=gen, dtype=F64) + 0.1
-    weights = (weights / weights.sum()).tolist()
+    raw = torch.rand(len(bases), generator=gen, dtype=F64) + 0.1
+    weights = (raw / raw.sum()).tolist()
     U_ref, eig = lowrank.consensus_basis(bases, weights, rank)
     average = sum(p * projector(Q) for p, Q in zip(weights, bases, strict=True))
     dense_eig, dense_vecs = torch.linalg.eigh(average)
@@ -619,8 +620,8 @@ def test_joint_subspace_keeps_the_eigenvectors_above_the_angle_rule(
 ) -> None:
     gen = torch.Generator().manual_seed(seed)
     bases = random_bases(gen, m, ranks, F64)
-    weights = torch.rand(len(bases), generator=gen, dtype=F64) + 0.1
-    weights = (weights / weights.sum()).tolist()
+    raw = torch.rand(len(bases), generator=gen, dtype=F64) + 0.1
+    weights = (raw / raw.sum()).tolist()
     phi, eig = lowrank.joint_subspace(bases, weights, angle)
     dense_eig = torch.linalg.eigvalsh(sum(p * projector(Q) for p, Q in zip(weights, bases, strict=True)))
     threshold = math.cos(math.radians(angle) / 2) ** 2

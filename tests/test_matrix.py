@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_resume import crash_after_round, held_by_another_process
-from test_simulation import FIXTURE, ROOT
+from helpers import FIXTURE, ROOT, crash_after_round, held_by_another_process
 
 from fedsubspace import simulation
 from fedsubspace.cli import main

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny
 from peft.tuners.lora import LoraLayer
-from test_federation import tiny
 
 from fedsubspace.client import evaluate_loaded
 from fedsubspace.experiment import prepare
@@ -18,7 +18,7 @@ EVERY_DENSE = {
 }
 
 
-def trained_looking(preset: str, *overrides: str, method: str = "fedavg"):  # type: ignore[no-untyped-def]
+def trained_looking(preset: str, *overrides: str, method: str = "fedavg"):
     """An experiment whose adapters (every rank) hold random non-zero factors, as after training."""
     exp = prepare(tiny(preset, method, EVERY_DENSE[preset], *overrides))
     generator = torch.Generator().manual_seed(7)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from test_simulation import FIXTURE, ROOT
+from helpers import FIXTURE, ROOT
 
 from fedsubspace.cli import main
 from fedsubspace.config import CORE_KEYS

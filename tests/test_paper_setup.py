@@ -8,8 +8,7 @@ import importlib.util
 import pytest
 import torch
 import yaml
-from test_federation import tiny
-from test_simulation import ROOT
+from helpers import ROOT, tiny
 
 from fedsubspace import models
 from fedsubspace.cli import main

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_devices import update_tensors
-from test_federation import MIXED_RANK_METHODS, tiny
+from helpers import MIXED_RANK_METHODS, tiny, update_tensors
 
 from fedsubspace.client import client_context, evaluate_loaded, run_round
 from fedsubspace.configure import build_method
@@ -15,7 +14,7 @@ from fedsubspace.experiment import local_schedule, prepare
 from fedsubspace.methods import METHODS
 
 
-def one_round(method: str, *overrides: str):  # type: ignore[no-untyped-def]
+def one_round(method: str, *overrides: str):
     """Two clients of round 1 and the aggregated state, with every tensor the server receives."""
     mixed = ["client_ranks=[4, 2, 2, 4]"] if method in MIXED_RANK_METHODS else []
     config = tiny(
@@ -36,7 +35,7 @@ def one_round(method: str, *overrides: str):  # type: ignore[no-untyped-def]
     return exp, updates, memories, state
 
 
-def server_tensors(state) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+def server_tensors(state) -> list[torch.Tensor]:
     return [
         *(t for pair in state.factors.values() for t in pair),
         *state.head.values(),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_simulation import tiny
+from helpers import tiny_preset
 
 from fedsubspace import simulation
 from fedsubspace.experiment import prepare
@@ -44,7 +44,7 @@ def test_pooled_results_concatenate_the_examples_in_order():
 
 @pytest.mark.parametrize("method", ["fedavg", "fedsa"])
 def test_a_run_keeps_initial_best_and_final_predictions_matching_its_summary(tmp_path: Path, method: str):
-    summary = simulation.run(tiny("tiny-encoder", method), tmp_path, progress=False)
+    summary = simulation.run(tiny_preset("tiny-encoder", method), tmp_path, progress=False)
     kept = {name: read_predictions(tmp_path, name) for name in NAMES}
     assert all(p is not None for p in kept.values())
     accuracy = {name: sum(p.examples.correct()) / len(p.examples) for name, p in kept.items()}  # type: ignore[union-attr]
@@ -60,7 +60,7 @@ def test_a_run_keeps_initial_best_and_final_predictions_matching_its_summary(tmp
 
 
 def eval_questions(seed: int, eval_seed: int | None) -> list:
-    config = tiny("tiny-encoder", "fedavg", seed=seed)
+    config = tiny_preset("tiny-encoder", "fedavg", seed=seed)
     overrides = {"max_eval_samples": 20, "eval_seed": eval_seed}
     exp = prepare(type(config)(**{**config.to_dict(), **overrides}))
     return exp.eval.input_ids  # type: ignore[return-value]

@@ -5,23 +5,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common.serde import message_from_proto, message_to_proto
+from helpers import (
+    FIXTURE,
+    ROOT,
+    assert_same_rows,
+    assert_same_run,
+    capture_states,
+    crash_after_round,
+    make_round,
+    run_flower_in_process,
+    tiny,
+)
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-from test_flower import (  # noqa: F401  (a fixture)
-    assert_same_rows,
-    capture_states,
-    one_experiment_per_config,
-    run_flower_in_process,
-)
-from test_methods import make_round
-from test_resume import assert_same_run, crash_after_round
-from test_simulation import FIXTURE, ROOT
 
 from fedsubspace import simulation
 from fedsubspace.cli import main
@@ -43,13 +46,6 @@ FAST = [f"dataset={FIXTURE}", "max_eval_samples=16", "max_local_steps=2"]
 DPSGD = ["dp_max_grad_norm=1.0", "dp_epsilon=6"]
 
 
-def tiny(preset: str, method: str, *overrides: str):
-    """A tiny config; the multiple-choice presets on the HellaSwag fixture, the ``*-sst2`` ones on
-    their own classification fixture."""
-    fast = FAST[1:] if preset.endswith("-sst2") else FAST
-    return load_config(ROOT / "configs" / f"{preset}.yaml", [*fast, *overrides], method=method)
-
-
 def test_readme_holds_the_table_the_declarations_render():
     assert compatibility_table() in (ROOT / "README.md").read_text()
 
@@ -63,11 +59,15 @@ def test_every_method_declares_all_three_mechanisms_with_a_reason():
 def mean_update(updates: list[ClientUpdate], weights: list[float]) -> ClientUpdate:
     """One update holding the weighted mean of every uploaded tensor."""
     first = updates[0]
+
+    def mean(tensors: Iterator[torch.Tensor]) -> torch.Tensor:
+        return sum((p * t for p, t in zip(weights, tensors)), torch.tensor(0.0))
+
     factors = {
-        module: tuple(sum(p * u.factors[module][k] for p, u in zip(weights, updates)) for k in (0, 1))
+        module: (mean(u.factors[module][0] for u in updates), mean(u.factors[module][1] for u in updates))
         for module in first.factors
     }
-    head = {name: sum(p * u.head[name] for p, u in zip(weights, updates)) for name in first.head}
+    head = {name: mean(u.head[name] for u in updates) for name in first.head}
     return dataclasses.replace(first, factors=factors, head=head)
 
 

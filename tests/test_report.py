@@ -4,56 +4,15 @@ from __future__ import annotations
 
 import csv
 import errno
-import json
 import math
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import metric_row, write_run
 
 from fedsubspace.cli import main
 from fedsubspace.errors import UserError
 from fedsubspace.experiments.report import write_report
-
-
-def metric_row(round_index: int, accuracy: float, **values: float | None) -> dict:
-    row = {
-        "round": round_index,
-        "eval_accuracy": accuracy,
-        "eval_loss": 1.0,
-        "basis_overlap": 0.5,
-        "update_overlap": 0.5,
-        "cancellation_ratio": 0.5,
-        "aggregation_error": 0.0,
-        "bytes_up": 100,
-        "bytes_down": 100,
-        "seconds": 1.0,
-    }
-    return {**row, **values}
-
-
-def write_run(
-    path: Path,
-    method: str,
-    seed: int,
-    rows: list[dict],
-    *,
-    num_rounds: int = 2,
-    summary: dict | None = None,
-    error: str | None = None,
-    config: dict | None = None,
-) -> None:
-    path.mkdir(parents=True)
-    (path / "config.yaml").write_text(
-        yaml.safe_dump({"method": method, "seed": seed, "num_rounds": num_rounds, **(config or {})})
-    )
-    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    if summary is not None:  # a run's summary holds its last round's diagnostics
-        last = rows[-1] if rows else {}
-        final = {key: last.get(key) for key in ("basis_overlap", "update_overlap")}
-        (path / "summary.json").write_text(json.dumps({"final_diagnostics": final, **summary}))
-    if error is not None:
-        (path / "error.txt").write_text(error + "\nTraceback (most recent call last): ...\n")
 
 
 def summary(initial: float, best: float, final: float, loss: float, evaluation: str = "global") -> dict:

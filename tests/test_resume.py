@@ -8,14 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from safetensors import safe_open
+from helpers import FIXTURE, ROOT, assert_same_run, crash_after_round, held_by_another_process, metadata
 from safetensors.torch import load_file, save_file
-from test_simulation import FIXTURE, ROOT
 
 from fedsubspace import client as client_module
 from fedsubspace import simulation
@@ -25,56 +22,10 @@ from fedsubspace.demo import run_demo
 from fedsubspace.errors import UserError
 from fedsubspace.results import RunDirectory, read_metrics
 
-TIMING = {"seconds", "train_seconds", "aggregate_seconds", "diagnostics_seconds", "eval_seconds"}
 CONFIG = ROOT / "configs" / "tiny-encoder.yaml"
 # Enough local steps that a round lasts long enough to be killed in its middle.
 SLOW = [f"dataset={FIXTURE}", "num_rounds=3", "max_local_steps=30", "max_eval_samples=32"]
 FAST = [f"dataset={FIXTURE}", "num_rounds=3", "max_local_steps=2", "max_eval_samples=16"]
-# Another process running the results directory argv[1].
-HOLD_RUN = (
-    "import sys, time\n"
-    "from pathlib import Path\n"
-    "from fedsubspace.results import claim\n"
-    "with claim(Path(sys.argv[1])):\n"
-    "    print('held', flush=True)\n"
-    "    time.sleep(600)\n"
-)
-
-
-@contextmanager
-def held_by_another_process(path: Path) -> Iterator[None]:
-    """``path`` claimed by another process until the block ends (then SIGKILLed: no lock stays)."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_RUN, str(path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        yield
-    finally:
-        holder.kill()
-        holder.wait()
-
-
-def strip(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
-
-
-def metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata()
-
-
-@contextmanager
-def crash_after_round(last: int) -> Iterator[None]:
-    """A KeyboardInterrupt right after round ``last``'s checkpoint is written."""
-    real = RunDirectory.save_resume_point
-
-    def crash(self, state, memories, progress):
-        real(self, state, memories, progress)
-        if state.round == last:
-            raise KeyboardInterrupt
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(RunDirectory, "save_resume_point", crash)
-        yield
 
 
 def checkpoint_round(path: Path) -> int | None:
@@ -82,23 +33,6 @@ def checkpoint_round(path: Path) -> int | None:
         return json.loads(metadata(path / "checkpoints" / "last.safetensors")["round"])
     except (FileNotFoundError, OSError):
         return None
-
-
-def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
-    assert strip(read_metrics(resumed)) == strip(read_metrics(uninterrupted))
-    assert json.loads((resumed / "summary.json").read_text()) == json.loads(
-        (uninterrupted / "summary.json").read_text()
-    )
-    for name in ("last", "best"):
-        a, b = (load_file(str(p / "checkpoints" / f"{name}.safetensors")) for p in (resumed, uninterrupted))
-        assert a.keys() == b.keys()
-        for key in a:
-            assert a[key].equal(b[key]), f"{name}.safetensors: {key} differs"
-        # the progress (best, initial, ledger) too; safetensors orders metadata at random, so compare dicts
-        a_meta, b_meta = (
-            metadata(p / "checkpoints" / f"{name}.safetensors") for p in (resumed, uninterrupted)
-        )
-        assert a_meta == b_meta
 
 
 def kill_mid_round(argv: list[str], out: Path) -> None:

@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
+from helpers import make_round, mixed_round, random_factors, tiny_preset
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_methods import make_round, random_factors
 
 from fedsubspace.diagnostics import DELTA_KEYS, round_delta_diagnostics
 from fedsubspace.methods import get_method
@@ -175,12 +175,11 @@ def test_delta_metrics_are_gauge_invariant(m, n, r, clients, seed, method):
 
 @pytest.mark.parametrize("method", ["fedex", "flora"])
 def test_a_run_logs_the_delta_metrics_every_round(tmp_path, method):
-    from test_simulation import tiny
 
     from fedsubspace import simulation
     from fedsubspace.results import read_metrics
 
-    summary = simulation.run(tiny("tiny-encoder", method), tmp_path, progress=False)
+    summary = simulation.run(tiny_preset("tiny-encoder", method), tmp_path, progress=False)
     rows = read_metrics(tmp_path)
     assert len(rows) == summary["num_rounds"]
     for row in rows:
@@ -195,8 +194,6 @@ def test_a_run_logs_the_delta_metrics_every_round(tmp_path, method):
 def test_delta_metrics_on_mixed_ranks_match_dense_definitions(method, ranks):
     """Each client starts from the global adapter read out at its own rank and scaling (the server's
     round_start); its delta and top-r_i subspace are at that rank."""
-    from test_newer_methods import mixed_round
-
     from fedsubspace.server import round_start
 
     previous, updates, p = mixed_round(ranks, seed=sum(ranks))

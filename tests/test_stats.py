@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_report import metric_row, write_run
+from helpers import metric_row, write_run
 
 from fedsubspace.cli import main
 from fedsubspace.experiments import stats

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple, TypeAlias
 
 from fedsubspace.errors import UserError, as_user_error
 
@@ -212,17 +213,65 @@ def cmd_flower_local(args: argparse.Namespace) -> int:
     return 0
 
 
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"  # what add_subparsers returns
+
+
+def _options(*parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """A parent parser: options that several commands declare alike (argparse's ``parents=``)."""
+    return argparse.ArgumentParser(add_help=False, parents=list(parents))
+
+
+class SharedOptions(NamedTuple):
+    """The options several commands take, each declared once."""
+
+    overrides: argparse.ArgumentParser  # --set KEY=VALUE
+    method: argparse.ArgumentParser  # --method
+    as_json: argparse.ArgumentParser  # --json
+    rank: argparse.ArgumentParser  # --rank of a mixed-rank run
+    experiment: argparse.ArgumentParser  # --config, --seed, --out, --overwrite of one run
+
+    @classmethod
+    def declare(cls) -> SharedOptions:
+        overrides, method, as_json, rank, experiment = (_options() for _ in range(5))
+        overrides.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key (repeatable)",
+        )
+        method.add_argument("--method", help="aggregation method (overrides the config)")
+        as_json.add_argument("--json", action="store_true", help="print JSON instead of text")
+        rank.add_argument("--rank", type=int, help="LoRA rank of a mixed-rank run (default the largest)")
+        experiment.add_argument(
+            "--config", type=Path, help="YAML config, required (defaults apply to keys it omits)"
+        )
+        experiment.add_argument("--seed", type=int, help="run seed (overrides the config)")
+        experiment.add_argument(
+            "--out", type=Path, help="results directory (default runs/MODEL-METHOD-seedN)"
+        )
+        experiment.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+        return cls(overrides, method, as_json, rank, experiment)
+
+    def one_run(self) -> list[argparse.ArgumentParser]:
+        """What `run` and `flower local` share: one experiment from a config file."""
+        return [self.method, self.experiment, self.overrides]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsubspace", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    shared = SharedOptions.declare()
+    _experiment_commands(commands, shared)
+    _fetch_commands(commands)
+    _bench_commands(commands, shared)
+    _artifact_commands(commands, shared)
+    _flower_commands(commands, shared)
+    return parser
 
-    run = commands.add_parser("run", help="run one federated experiment in-process")
-    run.add_argument("--config", type=Path, help="YAML config, required (defaults apply to keys it omits)")
-    run.add_argument("--method", help="aggregation method (overrides the config)")
-    run.add_argument("--seed", type=int, help="run seed (overrides the config)")
-    run.add_argument("--out", type=Path, help="results directory (default runs/MODEL-METHOD-seedN)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+
+def _experiment_commands(commands: Commands, shared: SharedOptions) -> None:
+    run = commands.add_parser("run", parents=shared.one_run(), help="run one federated experiment in-process")
     run.add_argument(
         "--resume", action="store_true", help="continue the run in --out after its last completed round"
     )
@@ -230,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     matrix = commands.add_parser(
-        "matrix", help="every config x method x seed (and reference runs), one results directory each"
+        "matrix",
+        parents=[shared.overrides],
+        help="every config x method x seed (and reference runs), one results directory each",
     )
     matrix.add_argument(
         "--config", type=Path, action="append", required=True, help="YAML config (repeatable)"
@@ -239,9 +290,6 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--seeds", default="42,43,44", help="comma-separated seeds (default 42,43,44)")
     matrix.add_argument("--out", type=Path, required=True, help="matrix directory: OUT/CONFIG/METHOD/seedN")
     matrix.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
-    matrix.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
-    )
     matrix.add_argument(
         "--references",
         action=argparse.BooleanOptionalAction,
@@ -260,13 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.set_defaults(func=cmd_report)
 
-    demo = commands.add_parser("demo", help="run two methods on one config and compare them per round")
+    demo = commands.add_parser(
+        "demo", parents=[shared.overrides], help="run two methods on one config and compare them per round"
+    )
     demo.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
     demo.add_argument("--methods", default="fedavg,subspace_reg", help="comma-separated methods")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     demo.set_defaults(func=cmd_demo)
 
+
+def _fetch_commands(commands: Commands) -> None:
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     fetch = data.add_parser("fetch", help="obtain a dataset into the cache (FEDSUBSPACE_CACHE)")
     fetch.add_argument("name", help="dataset name (hellaswag, sst2)")
@@ -281,36 +332,44 @@ def build_parser() -> argparse.ArgumentParser:
     mfetch.add_argument("name", help="preset name (minilm-l6, smollm2-135m)")
     mfetch.set_defaults(func=cmd_models_fetch)
 
+
+def _bench_commands(commands: Commands, shared: SharedOptions) -> None:
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
         dest="bench_command", required=True
     )
-    agg = bench.add_parser("aggregation", help="dense vs factored server aggregation")
-    agg.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    agg = bench.add_parser(
+        "aggregation", parents=[shared.as_json], help="dense vs factored server aggregation"
+    )
     agg.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
     agg.add_argument("--ranks", type=int, nargs="+", default=[8, 16])
     agg.add_argument("--clients", type=int, nargs="+", default=[3, 10])
     agg.add_argument("--repeats", type=int, default=3)
     agg.set_defaults(func=cmd_bench_aggregation)
-    step = bench.add_parser("client-step", help="subspace_reg's extra loss terms against a fedavg step")
+    step = bench.add_parser(
+        "client-step",
+        parents=[shared.overrides, shared.as_json],
+        help="subspace_reg's extra loss terms against a fedavg step",
+    )
     step.add_argument("--models", nargs="+", default=["minilm-l6", "smollm2-135m"])
     step.add_argument("--config", type=Path, help="base config (default: the paper's local schedule)")
     step.add_argument("--repeats", type=int, default=5)
-    step.add_argument("--json", action="store_true")
-    step.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     step.set_defaults(func=cmd_bench_client_step)
     causal = bench.add_parser(
-        "causal-eval", help="causal scoring: shared context against one full forward per ending"
+        "causal-eval",
+        parents=[shared.overrides, shared.as_json],
+        help="causal scoring: shared context against one full forward per ending",
     )
     causal.add_argument("--model", default="smollm2-135m", help="a causal model (overrides the config's)")
     causal.add_argument("--config", type=Path, help="base config (default: the paper's protocol)")
     causal.add_argument("--questions", type=int, default=100, help="evaluation questions")
     causal.add_argument("--repeats", type=int, default=3)
-    causal.add_argument("--json", action="store_true")
-    causal.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     causal.set_defaults(func=cmd_bench_causal_eval)
-    rnd = bench.add_parser("round", help="a config's rounds timed phase by phase, with peak memory")
+    rnd = bench.add_parser(
+        "round",
+        parents=[shared.method, shared.overrides, shared.as_json],
+        help="a config's rounds timed phase by phase, with peak memory",
+    )
     rnd.add_argument("--config", type=Path, help="YAML config (default: the paper's encoder protocol)")
-    rnd.add_argument("--method", help="aggregation method (overrides the config)")
     rnd.add_argument(
         "--shape",
         help="a random-weight model of this size instead of the config's model: roberta-large, roberta-base, "
@@ -318,12 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rnd.add_argument("--rounds", type=int, default=2, help="rounds to time (round 1 includes warm-up)")
     rnd.add_argument("--questions", type=int, help="evaluation questions (overrides max_eval_samples)")
-    rnd.add_argument("--json", action="store_true")
-    rnd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     rnd.set_defaults(func=cmd_bench_round)
 
+
+def _artifact_commands(commands: Commands, shared: SharedOptions) -> None:
+    """A finished run's model: exported, or scored."""
     export = commands.add_parser(
-        "export", help="a finished run's model as a PEFT adapter directory (or, --merged, a full model)"
+        "export",
+        parents=[shared.rank],
+        help="a finished run's model as a PEFT adapter directory (or, --merged, a full model)",
     )
     export.add_argument("run_dir", type=Path, help="results directory of a finished run")
     export.add_argument("--out", type=Path, required=True, help="directory to write")
@@ -333,41 +395,33 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--merged", action="store_true", help="fold the adapter (and any merged residual) into the weights"
     )
-    export.add_argument("--rank", type=int, help="LoRA rank of a mixed-rank run (default the largest)")
     export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     export.set_defaults(func=cmd_export)
 
     evaluate = commands.add_parser(
-        "eval", help="score a run, an export or the base model on a config's evaluation split"
+        "eval",
+        parents=[shared.overrides, shared.rank, shared.as_json],
+        help="score a run, an export or the base model on a config's evaluation split",
     )
     evaluate.add_argument("target", type=Path, nargs="?", help="results or export directory")
     evaluate.add_argument(
         "--config", type=Path, help="config naming the data (default: the run's own config)"
     )
-    evaluate.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
-    )
     evaluate.add_argument("--base", action="store_true", help="score the config's model before training")
     evaluate.add_argument("--round", choices=("best", "last"), help="a run's checkpoint (default best)")
-    evaluate.add_argument("--rank", type=int, help="LoRA rank of a mixed-rank run (default the largest)")
-    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a line")
     evaluate.set_defaults(func=cmd_eval)
 
+
+def _flower_commands(commands: Commands, shared: SharedOptions) -> None:
     flower = commands.add_parser("flower", help="run on Flower (SuperLink and SuperNodes)").add_subparsers(
         dest="flower_command", required=True
     )
     local = flower.add_parser(
-        "local", help="start a SuperLink and one SuperNode per client on 127.0.0.1 and run there"
+        "local",
+        parents=shared.one_run(),
+        help="start a SuperLink and one SuperNode per client on 127.0.0.1 and run there",
     )
     local.add_argument("--nodes", type=int, help="SuperNodes, one per client (default: num_clients)")
-    local.add_argument("--config", type=Path, help="YAML config, required (defaults apply to keys it omits)")
-    local.add_argument("--method", help="aggregation method (overrides the config)")
-    local.add_argument("--seed", type=int, help="run seed (overrides the config)")
-    local.add_argument("--out", type=Path, help="results directory (default runs/MODEL-METHOD-seedN)")
-    local.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
-    )
-    local.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     local.add_argument(
         "--min-replies", type=int, default=1, help="fewest usable updates a round aggregates (default 1)"
     )
@@ -378,7 +432,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--node-timeout", type=float, default=300.0, help="seconds to wait for the SuperNodes (default 300)"
     )
     local.set_defaults(func=cmd_flower_local)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

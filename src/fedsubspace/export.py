@@ -75,7 +75,7 @@ def export_run(
         if merged:
             trained.peft_model.merge_and_unload().save_pretrained(staging)
         else:
-            trained.peft_model.save_pretrained(staging)
+            trained.peft_model.save_pretrained(str(staging))
         trained.loaded.tokenizer.save_pretrained(staging)
         shutil.copyfile(run_path / "config.yaml", staging / RUN_CONFIG)
         (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")

@@ -141,18 +141,14 @@ def frobenius_inner(left1: Tensor, right1: Tensor, left2: Tensor, right2: Tensor
     return ((left1.mT @ left2) * (right1 @ right2.mT)).sum(dim=(-2, -1))
 
 
-def frobenius_norm(left: Tensor, right: Tensor) -> Tensor:
-    """``||L @ R||_F`` without forming the product."""
-    return torch.sqrt(frobenius_inner(left, right, left, right).clamp_min(0.0))
-
-
 def product_norm(left: Tensor, right: Tensor) -> Tensor:
     """``||L @ R||_F`` from the QR core ``R_l R_r^T``: accurate to machine precision even when the product
-    is a difference of nearly equal terms, where the Gram form of :func:`frobenius_norm` cancels
+    is a difference of nearly equal terms, where the Gram form ``sqrt(frobenius_inner(L, R, L, R))`` cancels
     catastrophically (relative accuracy only sqrt(eps))."""
     r_left = torch.linalg.qr(left, mode="r")[1]
     r_right = torch.linalg.qr(right.mT, mode="r")[1]
-    return torch.linalg.matrix_norm(r_left @ r_right.mT)
+    norm: Tensor = torch.linalg.matrix_norm(r_left @ r_right.mT)
+    return norm
 
 
 def gram_matrix(lefts: Sequence[Tensor], rights: Sequence[Tensor]) -> Tensor:
@@ -163,15 +159,6 @@ def gram_matrix(lefts: Sequence[Tensor], rights: Sequence[Tensor]) -> Tensor:
         for j in range(i, k):
             gram[i, j] = gram[j, i] = frobenius_inner(lefts[i], rights[i], lefts[j], rights[j])
     return gram
-
-
-def cosine(left1: Tensor, right1: Tensor, left2: Tensor, right2: Tensor) -> Tensor:
-    """Cosine between the flattened products; 0 when either is zero."""
-    denom = frobenius_norm(left1, right1) * frobenius_norm(left2, right2)
-    inner = frobenius_inner(left1, right1, left2, right2)
-    return torch.where(
-        denom > 0, inner / denom.clamp_min(torch.finfo(inner.dtype).tiny), torch.zeros_like(inner)
-    )
 
 
 # --- subspaces -----------------------------------------------------------------------------------
@@ -188,17 +175,15 @@ def orthonormal_basis(matrix: Tensor, rtol: float | None = None) -> Tensor:
     Directions whose singular value is below ``rtol * largest`` are dropped, so zero and
     rank-deficient factors give a smaller (possibly empty, m x 0) basis instead of noise.
     """
+    U: Tensor
+    S: Tensor
     U, S, _ = torch.linalg.svd(matrix, full_matrices=False)
     if rtol is None:
-        rtol = default_rtol(*matrix.shape[-2:], matrix.dtype)
+        rows, cols = matrix.shape[-2:]
+        rtol = default_rtol(rows, cols, matrix.dtype)
     if S.numel() == 0 or S[0] == 0:
         return U[..., :0]
     return U[..., : int((S > rtol * S[0]).sum())]
-
-
-def project(basis: Tensor, matrix: Tensor) -> Tensor:
-    """``Q Q^T X``: the projection of the columns of X onto span(Q), never forming the m x m projector."""
-    return basis @ (basis.mT @ matrix)
 
 
 def consensus_basis(
@@ -277,6 +262,8 @@ def polar(matrix: Tensor) -> Tensor:
     When ``U V^T`` would be a reflection, the sign of the column paired with the smallest singular
     value is flipped, the standard special-orthogonal Procrustes solution.
     """
+    U: Tensor
+    Vh: Tensor
     U, _, Vh = torch.linalg.svd(matrix)
     sign = torch.sign(torch.linalg.det(U) * torch.linalg.det(Vh))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)

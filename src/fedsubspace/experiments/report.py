@@ -131,7 +131,7 @@ def table(records: list[RunRecord]) -> list[TableRow]:
             (r for r in finished if r.setup == setup and r.global_evaluation),
             key=lambda r: r.label != CENTRALIZED,
         )
-        by_seed = {}
+        by_seed: dict[int, RunRecord] = {}
         for run in candidates:
             by_seed.setdefault(run.seed, run)
         if by_seed:

@@ -179,7 +179,11 @@ def _se_row(label: str, runs: dict[int, RunRecord]) -> list[str]:
     summaries = [r.summary or {} for r in runs.values()]
     counts = [s.get("eval_examples") for s in summaries]
     known = None not in counts
-    cells = [label, str(len(runs)), ", ".join(str(n) for n in sorted(set(counts))) if known else "–"]
+    cells = [
+        label,
+        str(len(runs)),
+        ", ".join(str(n) for n in sorted({n for n in counts if n is not None})) if known else "–",
+    ]
     for _, key in KINDS:
         values = [s[key] for s in summaries]
         cells.append(f"{sum(values) / len(values):.4f} ± {mean_se(values, counts):.4f}" if known else "–")  # type: ignore[arg-type]

@@ -172,20 +172,6 @@ class LocalFederation:
         )
         return self.nodes[node]
 
-    def kill_node(self, node: int, sig: int = signal.SIGKILL) -> None:
-        """Kill the SuperNode of partition ``node`` with everything it started (a crash, with SIGKILL)."""
-        process = self.nodes[node]
-        self.family()  # note the node's current processes: once killed, their orphans come back here
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        process.wait()
-        deadline = time.monotonic() + 2.0  # reap its processes as they die (they are re-parented here)
-        while time.monotonic() < deadline:
-            for pid in self.family():
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)
-            time.sleep(0.2)
-
     def _wait_for_port(self, port: int, process: subprocess.Popen, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -55,9 +55,9 @@ def as_fitins(content: RecordDict) -> FitIns:
     """A TRAIN message's content (``arrays`` and ``config``) as the ``FitIns`` SecAgg+ carries."""
     from fedsubspace.flower.payload import from_record
 
-    arrays = from_record(content["arrays"])  # type: ignore[arg-type]
+    arrays = from_record(content.array_records["arrays"])
     keys = sorted(arrays)
-    config = dict(content["config"])  # type: ignore[arg-type]
+    config = dict(content.config_records["config"])
     config["keys"] = "\n".join(keys)  # a legacy config holds scalars only
     parameters = ndarrays_to_parameters([arrays[key].numpy() for key in keys])
     return FitIns(parameters=parameters, config=config)  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ from logging import ERROR, INFO, WARNING
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 
 from fedsubspace.client import client_context
 from fedsubspace.configure import build_method
@@ -62,13 +62,13 @@ def info(text: str) -> None:
     log(INFO, "%s", text)
 
 
-class SubspaceStrategy(FedAvg):
-    """FedAvg's round structure with fedsubspace's method deciding what travels and how it is aggregated."""
+class SubspaceStrategy(Strategy):
+    """Flower's round structure (:meth:`Strategy.start`) with fedsubspace's method deciding who trains,
+    what travels and how it is aggregated: the five steps Flower's abstract Strategy leaves open."""
 
     def __init__(
         self, settings: FlowerSettings, exp: Experiment, method: Method, run_dir: RunDirectory
     ) -> None:
-        super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=0)
         self.settings, self.exp, self.method, self.config = settings, exp, method, exp.config
         self.server = RoundServer(
             method,
@@ -211,10 +211,10 @@ class SubspaceStrategy(FedAvg):
         clients reported missing (a node that failed is asked who it is again before its next round)."""
         by_id = {s.message.metadata.message_id: s for s in self.sent}
         received: dict[int, Message] = {}
-        for reply in replies:
-            sent = by_id.get(reply.metadata.reply_to_message_id)
+        for message in replies:
+            sent = by_id.get(message.metadata.reply_to_message_id)
             if sent is not None:
-                received[sent.client] = reply
+                received[sent.client] = message
         usable = {}
         for sent in self.sent:
             reply = received.get(sent.client)
@@ -291,9 +291,9 @@ class SubspaceStrategy(FedAvg):
     def read_update(self, client: int, reply: Message, server_round: int) -> tuple[ClientUpdate | None, str]:
         """The update a reply carries, or None and why it cannot be used."""
         try:
-            config, metrics = reply.content["config"], reply.content["metrics"]
-            upload = from_record(reply.content["arrays"])
-            claimed, num_examples = int(config["partition-id"]), metrics["num-examples"]
+            config, metrics = reply.content.config_records["config"], reply.content.metric_records["metrics"]
+            upload = from_record(reply.content.array_records["arrays"])
+            claimed, num_examples = int(config["partition-id"]), metrics["num-examples"]  # type: ignore[arg-type]
             trained = frozenset(str(f) for f in config["trained"])  # type: ignore[union-attr]
             scaling, train_loss = float(config["scaling"]), float(metrics["train-loss"])  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError) as exc:

@@ -59,7 +59,7 @@ def noisy_mean_update(
     changes = [clipped_change(method.uplink(u), start, settings.clip) for u in updates]
     mean: dict[str, Tensor] = {}
     for key in changes[0]:
-        total = sum(c[key] for c in changes)
+        total = sum((c[key] for c in changes), torch.tensor(0.0))
         std = settings.noise_multiplier * settings.clip
         noise = torch.normal(0.0, std, total.shape, generator=generator, dtype=torch.float64)
         mean[key] = (start[key].double() + (total + noise) / settings.clients_per_round).to(start[key].dtype)
