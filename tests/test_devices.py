@@ -107,7 +107,7 @@ def test_client_round_never_mixes_devices(method: str, monkeypatch: pytest.Monke
     rule = build_method(config)
     memories: dict[int, dict[str, Tensor]] = {0: {}, 1: {}}
 
-    def client_round(state, round_index: int, client_id: int) -> ClientUpdate:  # type: ignore[no-untyped-def]
+    def client_round(state, round_index: int, client_id: int) -> ClientUpdate:
         ctx = client_context(exp, client_id, round_index, memories[client_id])
         result = run_round(exp, rule, schedule, state, ctx)
         memories[client_id] = result.memory

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from peft import PeftModel
 
 from fedsubspace.cli import main
@@ -60,6 +61,7 @@ def score_loaded(run_dir: Path, export: Path, *, merged: bool) -> EvalResult:
     """The export loaded the way a transformers user would, on the run's own evaluation questions."""
     config = load_config(run_dir / "config.yaml")
     base = load_model(config.model, config.model_kind, device="cpu", seed=config.seed)
+    model: torch.nn.Module
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         if merged:

@@ -73,7 +73,7 @@ def test_a_shared_option_is_one_declaration_and_a_copy_is_refused():
         privacy = summed_upload("nothing")
         Options = CopiedOptions
 
-        def aggregate(self, state, updates, weights):  # type: ignore[no-untyped-def]
+        def aggregate(self, state, updates, weights):
             return state
 
     with pytest.raises(TypeError, match="declares option 'max_update_norm' again"):

@@ -57,8 +57,8 @@ def one_client_round(*overrides: str) -> tuple[torch.nn.Module, dict]:
 def test_gradient_checkpointing_is_off_by_default_and_gives_the_same_update() -> None:
     plain_model, plain = one_client_round()
     checkpointed_model, checkpointed = one_client_round("gradient_checkpointing=true")
-    assert not plain_model.base_model.model.is_activation_checkpointing
-    assert checkpointed_model.base_model.model.is_activation_checkpointing
+    assert not plain_model.get_submodule("base_model.model").is_activation_checkpointing
+    assert checkpointed_model.get_submodule("base_model.model").is_activation_checkpointing
     assert plain.keys() == checkpointed.keys()
     for name, tensor in plain.items():
         # the recomputed forward replays the dropout masks: the same arithmetic up to summation order

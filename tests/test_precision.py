@@ -25,7 +25,7 @@ def one_round(method: str, *overrides: str):
     memories: list[dict[str, torch.Tensor]] = [{}, {}]
     schedule = local_schedule(config)
 
-    def client(c: int):  # type: ignore[no-untyped-def]
+    def client(c: int):
         result = run_round(exp, rule, schedule, exp.initial_state, client_context(exp, c, 1, memories[c]))
         memories[c] = result.memory
         return result.update

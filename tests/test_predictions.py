@@ -47,7 +47,9 @@ def test_a_run_keeps_initial_best_and_final_predictions_matching_its_summary(tmp
     summary = simulation.run(tiny_preset("tiny-encoder", method), tmp_path, progress=False)
     kept = {name: read_predictions(tmp_path, name) for name in NAMES}
     assert all(p is not None for p in kept.values())
-    accuracy = {name: sum(p.examples.correct()) / len(p.examples) for name, p in kept.items()}  # type: ignore[union-attr]
+    accuracy = {
+        name: sum(p.examples.correct()) / len(p.examples) for name, p in kept.items() if p is not None
+    }
     assert accuracy["initial"] == summary["initial_eval_accuracy"]
     assert accuracy["best"] == summary["best_eval_accuracy"]
     assert accuracy["final"] == summary["final_eval_accuracy"]

@@ -40,7 +40,8 @@ DIAGNOSTICS = (
     ("delta_cosine", "round-delta cosine (client vs aggregate)"),
 )
 # tab20's strong shades first, then its light ones: up to ten methods get strong colours.
-_PALETTE = [*colormaps["tab20"].colors[0::2], *colormaps["tab20"].colors[1::2]]
+_TAB20 = [tuple(float(v) for v in rgba[:3]) for rgba in colormaps["tab20"](np.arange(20))]
+_PALETTE = [*_TAB20[0::2], *_TAB20[1::2]]
 
 
 def colour_map(labels: list[str]) -> dict[str, Any]:

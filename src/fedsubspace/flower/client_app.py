@@ -119,7 +119,7 @@ def start_round(msg: Message, context: Context, s: Session) -> tuple[ClientConte
     if count != s.config.num_clients or client != config["partition-id"]:
         raise UserError(
             f"this node holds partition {client} of {count}; the server asked for client "
-            f"{config['partition-id']} of {s.config.num_clients}"
+            f"{config['partition-id']!r} of {s.config.num_clients}"
         )
     if config["config-digest"] != config_digest(s.config):
         raise UserError(
@@ -128,17 +128,17 @@ def start_round(msg: Message, context: Context, s: Session) -> tuple[ClientConte
         )
     memory = from_record(context.state.array_records.get(MEMORY, ArrayRecord()))
     ctx = client_context(s.exp, client, int(config["server-round"]), memory)  # type: ignore[arg-type]
-    view = s.method.client_view(from_record(content["arrays"]), s.exp.initial_state, ctx)
+    view = s.method.client_view(from_record(content.array_records["arrays"]), s.exp.initial_state, ctx)
     if "residual" in content:
         since = residual_round(context)
         # a catch-up from an earlier round is fine (the server missed this node's last reply): the
         # rounds the node has already are skipped; one from a later round cannot be applied
         if config["residual-from"] > since:  # type: ignore[operator]
             raise RuntimeError(
-                f"merged weights current with round {since}, catch-up from {config['residual-from']}"
+                f"merged weights current with round {since}, catch-up from {config['residual-from']!r}"
             )
         held = from_record(context.state.array_records.get(RESIDUAL, ArrayRecord()))
-        residual = apply_catch_up(held, from_record(content["residual"]), since)
+        residual = apply_catch_up(held, from_record(content.array_records["residual"]), since)
         context.state[RESIDUAL] = to_record(residual)
         context.state[SYNC] = ConfigRecord({"residual-round": view.round})
         view.residual = residual

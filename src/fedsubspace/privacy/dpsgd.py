@@ -38,6 +38,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from opacus.grad_sample import GradSampleHooks
@@ -95,7 +96,8 @@ class PrivateGradients:
         with warnings.catch_warnings():  # the hooks fire on module outputs; no input needs a gradient
             warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
             (loss * self.batch_size).backward()  # the sum over questions: each row holds its own gradient
-        for p in self.parameters:
+        for param in self.parameters:
+            p: Any = param  # Opacus' hooks add grad_sample (and summed_grad) to parameters at run time
             latest = p.grad_sample[-1] if isinstance(p.grad_sample, list) else p.grad_sample
             questions = latest.reshape(self.batch_size, self.rows_per_example, *latest.shape[1:]).sum(1)
             if isinstance(p.grad_sample, list):
@@ -107,7 +109,8 @@ class PrivateGradients:
         """Each question's gradient since the last release clipped, summed, noised and divided by the
         number of questions: the parameters' ``grad``. The per-question gradients are consumed."""
         self.dp.pre_step()
-        for p in self.parameters:
+        for param in self.parameters:
+            p: Any = param
             p.grad_sample = None
             p.summed_grad = None
 
