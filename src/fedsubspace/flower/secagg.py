@@ -5,7 +5,7 @@ on the server, :func:`flwr.client.mod.secaggplus_mod` on the clients. The workfl
 ``Strategy`` for each round's ``FitIns`` and hands it the weighted average of the ``FitRes`` parameters
 (each client's upload weighted by its example count, quantised, masked, summed and unmasked). So one
 round under ``secagg`` is: :class:`SecAggRound` (that Strategy face) builds the TRAIN messages exactly as
-:class:`~fedsubspace.flower.server_app.SubspaceStrategy` does and carries them as ``FitIns``; the client
+:class:`~fedsubspace.flower.strategy.SubspaceStrategy` does and carries them as ``FitIns``; the client
 app trains from them as from any TRAIN message and answers with its uplink as ``FitRes`` parameters, which
 the mod masks; the average comes back as one pooled update, which the method aggregates with weight 1.
 That is the method's rule only when the rule reads nothing but the weighted sum of the uploads

@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from fedsubspace.client import client_context
 from fedsubspace.flower.payload import check_upload, update_from_upload
 from fedsubspace.flower.secagg import CLIPPING_RANGE, QUANTIZATION_RANGE, as_fitins, pooled_upload
-from fedsubspace.flower.server_app import SubspaceStrategy
+from fedsubspace.flower.strategy import SubspaceStrategy
 from fedsubspace.server import ClientResults
 from fedsubspace.state import ClientUpdate, payload_bytes
 
