@@ -172,15 +172,6 @@ def frobenius_norm(left: Tensor, right: Tensor) -> Tensor:
     return torch.sqrt(lowrank.frobenius_inner(left, right, left, right).clamp_min(0.0))
 
 
-def cosine(left1: Tensor, right1: Tensor, left2: Tensor, right2: Tensor) -> Tensor:
-    """Cosine between the flattened products; 0 when either is zero."""
-    denom = frobenius_norm(left1, right1) * frobenius_norm(left2, right2)
-    inner = lowrank.frobenius_inner(left1, right1, left2, right2)
-    return torch.where(
-        denom > 0, inner / denom.clamp_min(torch.finfo(inner.dtype).tiny), torch.zeros_like(inner)
-    )
-
-
 def project(basis: Tensor, matrix: Tensor) -> Tensor:
     """``Q Q^T X``: the projection of the columns of X onto span(Q), never forming the m x m projector."""
     return basis @ (basis.mT @ matrix)
