@@ -46,6 +46,7 @@ def _comma_list(text: str, what: str) -> list[str]:
 
 def cmd_matrix(args: argparse.Namespace) -> int:
     from fedsubspace.experiments.matrix import plan, run_matrix
+    from fedsubspace.results import ERROR
 
     seeds = _comma_list(args.seeds, "seeds")
     bad = next((seed for seed in seeds if not seed.lstrip("-").isdigit()), None)
@@ -64,8 +65,9 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         f"matrix: {len(jobs)} runs in {args.out}: {len(result.ran)} run now, "
         f"{len(result.skipped)} finished before, {len(result.failed)} failed"
     )
-    for job in result.failed:
-        print(f"  failed: {job.name} (see {job.path}/error.txt)")
+    for job in result.failed:  # a run another process holds has no error.txt: its line above says so
+        see = f" (see {job.path / ERROR})" if (job.path / ERROR).exists() else ""
+        print(f"  failed: {job.name}{see}")
     print(f"tables and plots: fedsubspace report {args.out}")
     return 1 if result.failed else 0
 
