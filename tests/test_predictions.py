@@ -11,6 +11,7 @@ import torch
 from helpers import tiny_preset
 
 from fedsubspace import simulation
+from fedsubspace.configure import build_config
 from fedsubspace.experiment import prepare
 from fedsubspace.predictions import NAMES, read_predictions
 from fedsubspace.scoring import EvalResult, result_from_scores
@@ -64,7 +65,7 @@ def test_a_run_keeps_initial_best_and_final_predictions_matching_its_summary(tmp
 def eval_questions(seed: int, eval_seed: int | None) -> list:
     config = tiny_preset("tiny-encoder", "fedavg", seed=seed)
     overrides = {"max_eval_samples": 20, "eval_seed": eval_seed}
-    exp = prepare(type(config)(**{**config.to_dict(), **overrides}))
+    exp = prepare(build_config({**config.to_dict(), **overrides}))
     return exp.eval.input_ids  # type: ignore[return-value]
 
 
