@@ -8,7 +8,7 @@ import torch
 from helpers import tiny
 from peft.tuners.lora import LoraLayer
 
-from fedsubspace.client import evaluate_loaded
+from fedsubspace.evaluate import evaluate_loaded
 from fedsubspace.experiment import prepare
 from fedsubspace.scoring import choice_scores, collate, evaluate
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 from helpers import MIXED_RANK_METHODS, tiny, update_tensors
 
-from fedsubspace.client import client_context, evaluate_loaded, run_round
+from fedsubspace.client import client_context, run_round
 from fedsubspace.configure import build_method
 from fedsubspace.errors import UserError
+from fedsubspace.evaluate import evaluate_loaded
 from fedsubspace.experiment import local_schedule, prepare
 from fedsubspace.methods import METHODS
 

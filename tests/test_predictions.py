@@ -12,10 +12,10 @@ from helpers import tiny_preset
 
 from fedsubspace import simulation
 from fedsubspace.configure import build_config
+from fedsubspace.evaluate import pool
 from fedsubspace.experiment import prepare
 from fedsubspace.predictions import NAMES, read_predictions
 from fedsubspace.scoring import EvalResult, result_from_scores
-from fedsubspace.server import pool
 
 
 def test_result_from_scores_keeps_every_example_and_its_totals_agree():

@@ -14,7 +14,7 @@ One round, and the module each step lives in (every module visited once, in this
                ``state.ClientUpdate``; what travels is ``state.flatten`` (``flower/payload`` on Flower).
 5. server      ``server.RoundServer.aggregate``: client-level DP (``privacy``), the method's rule
                (``methods/<name>.py`` on ``lowrank``'s factored maths), ``diagnostics`` of the round.
-6. evaluation  ``server.evaluate_model`` (``client.evaluate_loaded`` -> ``scoring.evaluate``); per-example
+6. evaluation  ``evaluate.evaluate_model`` (global or personalised, -> ``scoring.evaluate``); per-example
                ``predictions`` at round 0, the best and the last round.
 7. results     ``server.RoundServer.record`` -> ``results.RunDirectory``: the metrics line (``tracking``
                mirrors it) and the round's checkpoint (``state.save_state``). After the run: ``experiments/``

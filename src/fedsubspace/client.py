@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +36,7 @@ from fedsubspace.placement import (
     update_to_server,
 )
 from fedsubspace.privacy.dpsgd import ExampleLevelDP, PrivateGradients
-from fedsubspace.scoring import Encoded, EvalResult, autocast, choice_scores, collate, evaluate
+from fedsubspace.scoring import Encoded, autocast, choice_scores, collate
 from fedsubspace.seeding import DATA_ORDER, DP_NOISE, DROPOUT, stream_seed
 from fedsubspace.state import ClientUpdate, GlobalState
 
@@ -46,8 +45,6 @@ Tensor = torch.Tensor
 __all__ = [
     "ClientRound",
     "client_context",
-    "evaluate_loaded",
-    "evaluate_personal",
     "example_stream",
     "run_round",
     "train_client",
@@ -190,28 +187,3 @@ def train_client(
     if plan.finish is not None:
         update = plan.finish(update)
     return update_to_server(update), tensors_to_server(ctx.memory)
-
-
-def evaluate_personal(exp: Experiment, method: Method, state: GlobalState, ctx: ClientContext) -> EvalResult:
-    """The client's own model, as it starts round ``ctx.round_index``, on its held-out examples."""
-    assert exp.holdouts is not None
-    tm = exp.trainable
-    tm.activate(ctx.rank)
-    start = method.client_start(state, ctx)
-    tm.load_weights(start.factors, start.head, state.residual)
-    return evaluate_loaded(exp, exp.holdouts[ctx.client_id])
-
-
-def evaluate_loaded(exp: Experiment, encoded: Encoded, *, merged: bool | None = None) -> EvalResult:
-    """The model as loaded on ``encoded``, its adapter merged for the time when ``merged`` (default: the
-    config's ``merged_eval``), under the config's autocast."""
-    tm, config = exp.trainable, exp.config
-    with tm.merged() if (config.merged_eval if merged is None else merged) else nullcontext():
-        return evaluate(
-            tm.model,
-            encoded,
-            tm.kind,
-            batch_size=config.eval_batch_size,
-            device=tm.device,
-            autocast_dtype=tm.autocast,
-        )

@@ -17,15 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedsubspace.client import client_context, evaluate_loaded, evaluate_personal
 from fedsubspace.diagnostics import DELTA_KEYS, round_delta_diagnostics, round_diagnostics
 from fedsubspace.errors import UserError
 from fedsubspace.experiment import Experiment
 from fedsubspace.methods import Method
 from fedsubspace.predictions import copy_predictions, write_predictions
 from fedsubspace.privacy.run import RunPrivacy
-from fedsubspace.results import SUMMARY, Memories, RunDirectory
-from fedsubspace.scoring import EvalResult, ExamplePredictions
+from fedsubspace.results import SUMMARY, RunDirectory
+from fedsubspace.scoring import EvalResult
 from fedsubspace.state import ClientUpdate, Factors, GlobalState
 
 DIAGNOSTIC_KEYS = (
@@ -62,46 +61,6 @@ def done_line(summary: dict[str, Any], out: Path) -> str:
         f"{summary['initial_eval_accuracy']:.4f} before training, best {summary['best_eval_accuracy']:.4f} "
         f"(round {summary['best_round']}), final {summary['final_eval_accuracy']:.4f}; results in {out}"
     )
-
-
-def evaluate_model(exp: Experiment, method: Method, state: GlobalState, memories: Memories) -> EvalResult:
-    """The global model on the evaluation split; for a personalised method, every client's own model
-    (as it would start its next round) on its held-out examples, pooled in client order."""
-    if not method.personalised:
-        exp.trainable.load(state)
-        return evaluate_loaded(exp, exp.eval)
-    assert exp.holdouts is not None
-    return pool(
-        [
-            evaluate_personal(
-                exp, method, state, client_context(exp, client_id, state.round + 1, memories.get(client_id))
-            )
-            for client_id in range(len(exp.holdouts))
-        ]
-    )
-
-
-def pool(results: list[EvalResult]) -> EvalResult:
-    """Results on disjoint example sets as one, weighted by their sizes (summed in the order given, so
-    that every runner adds the same floats in the same order)."""
-    loss_sum, correct, count = 0.0, 0.0, 0
-    for result in results:
-        loss_sum += result.loss * result.num_examples
-        correct += result.accuracy * result.num_examples
-        count += result.num_examples
-    if count == 0:
-        return EvalResult(loss=float("nan"), accuracy=float("nan"), num_examples=0)
-    parts = [r.examples for r in results]
-    examples = (
-        None
-        if any(part is None for part in parts)
-        else ExamplePredictions(
-            predicted=[v for part in parts for v in part.predicted],  # type: ignore[union-attr]
-            labels=[v for part in parts for v in part.labels],  # type: ignore[union-attr]
-            losses=[v for part in parts for v in part.losses],  # type: ignore[union-attr]
-        )
-    )
-    return EvalResult(loss=loss_sum / count, accuracy=correct / count, num_examples=count, examples=examples)
 
 
 def round_start(method: Method, state: GlobalState, update: ClientUpdate) -> Factors:

@@ -31,11 +31,12 @@ from fedsubspace.client import client_context, run_round
 from fedsubspace.config import ExperimentConfig
 from fedsubspace.configure import build_method
 from fedsubspace.errors import UserError
+from fedsubspace.evaluate import evaluate_model
 from fedsubspace.experiment import local_schedule, prepare, sample_clients
 from fedsubspace.predictions import write_predictions
 from fedsubspace.privacy.run import RunPrivacy
 from fedsubspace.results import PARTITION_STATS, Memories, ResumePoint, RunDirectory, claim
-from fedsubspace.server import ClientResults, RoundServer, evaluate_model
+from fedsubspace.server import ClientResults, RoundServer
 from fedsubspace.state import GlobalState, MergeHistory, payload_bytes
 
 

@@ -24,11 +24,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fedsubspace.client import client_context, evaluate_loaded, run_round
+from fedsubspace.client import client_context, run_round
 from fedsubspace.config import ExperimentConfig
 from fedsubspace.configure import build_method
 from fedsubspace.diagnostics import round_diagnostics
 from fedsubspace.errors import UserError
+from fedsubspace.evaluate import evaluate_loaded
 from fedsubspace.experiment import Experiment, local_schedule, prepare, sample_clients
 from fedsubspace.markdown import markdown_table
 from fedsubspace.methods import Method

@@ -174,7 +174,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """A personalised method's evaluation: this client's own model on its held-out examples."""
-    from fedsubspace.client import evaluate_personal
+    from fedsubspace.evaluate import evaluate_personal
 
     s = session(context.run_config)
     ctx, view = start_round(msg, context, s)

@@ -33,6 +33,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsubspace.client import client_context
+from fedsubspace.evaluate import evaluate_model, pool
 from fedsubspace.experiment import Experiment, sample_clients
 from fedsubspace.flower.payload import check_upload, content_bytes, from_record, to_record, update_from_upload
 from fedsubspace.flower.settings import FlowerSettings, config_digest
@@ -41,7 +42,7 @@ from fedsubspace.predictions import write_predictions
 from fedsubspace.privacy.run import RunPrivacy
 from fedsubspace.results import RunDirectory
 from fedsubspace.scoring import EvalResult
-from fedsubspace.server import ClientResults, RoundServer, evaluate_model, pool
+from fedsubspace.server import ClientResults, RoundServer
 from fedsubspace.state import ClientUpdate, MergeHistory, flatten
 
 QUERY_TIMEOUT = 120.0  # seconds a node has to answer who it is (it starts a ClientApp process to do so)
