@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from helpers import metric_row, write_run
 
 from fedsubspace.cli import main
@@ -125,6 +126,11 @@ def test_the_report_pairs_runs_with_predictions_and_falls_back_without(tmp_path:
     assert by_label["ffa"].final is not None and by_label["ffa"].final.test == "unpaired normal"
     assert toy.verdicts["svd"]["fedavg"] == "win" and toy.verdicts["fedavg"]["svd"] == "loss"
     assert toy.protocol == "drawn per seed (eval_seed null)"
+    for run in (tmp_path / "toy").glob("*/seed*"):  # the whole split: no draw, whatever eval_seed says
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        (run / "config.yaml").write_text(yaml.safe_dump({**config, "max_eval_samples": None}))
+    (again,) = stats.all_statistics(collect(tmp_path), "fedavg")
+    assert again.protocol == "the whole evaluation split, the same for every seed"
 
     assert main(["report", str(tmp_path), "--baseline", "svd"]) == 0
     summary_md = (tmp_path / "report" / "summary.md").read_text()

@@ -130,9 +130,12 @@ def _eval_protocol(runs: list[RunRecord]) -> str:
     for run in runs:
         config = yaml.safe_load((run.path / "config.yaml").read_text()) or {}
         eval_seed = config.get("eval_seed")
-        protocols.add(
-            "drawn per seed (eval_seed null)" if eval_seed is None else f"fixed (eval_seed {eval_seed})"
-        )
+        if "max_eval_samples" in config and config["max_eval_samples"] is None:  # no draw: the whole split
+            protocols.add("the whole evaluation split, the same for every seed")
+        else:
+            protocols.add(
+                "drawn per seed (eval_seed null)" if eval_seed is None else f"fixed (eval_seed {eval_seed})"
+            )
     return "; ".join(sorted(protocols))
 
 
