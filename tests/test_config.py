@@ -178,3 +178,24 @@ def test_new_method_options_are_validated(key, value, message):
     with pytest.raises(UserError) as err:
         build_config({"dataset": str(FIXTURE), key: value})
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("native", "overrides", "warned"),
+    [
+        (False, ["autocast=bfloat16"], True),
+        (False, ["dtype=bfloat16"], True),
+        (False, [], False),  # float32: nothing to say
+        (True, ["autocast=bfloat16"], False),  # the CPU has the kernels
+    ],
+)
+def test_bfloat16_on_a_cpu_without_its_kernels_is_told_once(monkeypatch, caplog, native, overrides, warned):
+    from fedsubspace.models import loading
+
+    monkeypatch.setattr(loading, "native_bfloat16", lambda: native)
+    loading.warn_emulated_bfloat16.cache_clear()
+    for _ in range(3):  # a matrix validates each run's config: one warning a process
+        load_config(CONFIG, ["device=cpu", *overrides])
+    told = [r for r in caplog.records if "no bfloat16 matrix kernels" in r.getMessage()]
+    assert len(told) == (1 if warned else 0)
+    loading.warn_emulated_bfloat16.cache_clear()

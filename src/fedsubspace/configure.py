@@ -93,7 +93,7 @@ def validate(c: ExperimentConfig) -> None:
         f"({', '.join(shape_models())}), a local directory or a hub id",
     )
     validate_quantization(c.load_in_4bit, c.device)
-    validate_dtype(c.dtype, c.device)
+    validate_dtype(c.dtype, c.device, c.autocast)
     method = METHODS[c.method]
     require(
         len(set(client_ranks(c))) == 1 or method.heterogeneous_ranks,
