@@ -136,10 +136,13 @@ def test_the_report_pairs_runs_with_predictions_and_falls_back_without(tmp_path:
     summary_md = (tmp_path / "report" / "summary.md").read_text()
     assert "Difference to svd:" in summary_md and "paired bootstrap" in summary_md
     assert "| fedavg | 2 | " in summary_md and " *" in summary_md
+    assert "Δ final acc. per seed" in summary_md and "Δ final acc. over seeds [95% t]" in summary_md
     html = (tmp_path / "report" / "index.html").read_text()
     assert "Win / tie / loss" in html
     csv_text = (tmp_path / "report" / "comparisons.csv").read_text().splitlines()
-    assert csv_text[0] == "config,method,shared_seeds,kind,estimate,low,high,test"
+    assert csv_text[0] == (
+        "config,method,shared_seeds,kind,estimate,low,high,test,per_seed,seeds_t_low,seeds_t_high"
+    )
     assert any(line.startswith("toy,fedavg,2,final,-") for line in csv_text)
     first = summary_md
     assert main(["report", str(tmp_path), "--baseline", "svd"]) == 0
@@ -147,3 +150,21 @@ def test_the_report_pairs_runs_with_predictions_and_falls_back_without(tmp_path:
 
     assert main(["report", str(tmp_path), "--baseline", "fedsvd"]) == 0
     assert "No fedsvd runs here" in (tmp_path / "report" / "summary.md").read_text()
+
+
+def test_the_interval_over_seeds_by_hand():
+    rng = np.random.default_rng(13)
+    pairs = [synthetic_pair(rng, 150, gain) for gain in (0.0, 0.1, 0.3)]
+    interval = stats.paired_bootstrap(pairs, resamples=200)
+    per_seed = [float(np.mean(a.astype(float) - b)) for a, b in pairs]
+    assert interval.per_seed == pytest.approx(per_seed)
+    over = interval.over_seeds()
+    assert over is not None and over.test == "t over seeds"
+    half = 4.302652729911275 * float(np.std(per_seed, ddof=1)) / math.sqrt(3)  # t(0.975, 2)
+    assert over.estimate == pytest.approx(interval.estimate)
+    assert (over.low, over.high) == pytest.approx((interval.estimate - half, interval.estimate + half))
+    # the questions alone are not the training runs: this spread of seeds is wider than the bootstrap
+    assert over.high - over.low > interval.high - interval.low
+    assert stats.paired_bootstrap(pairs[:1], resamples=50).over_seeds() is None  # one seed: no spread
+    unpaired = stats.unpaired_normal([(0.6, 100, 0.5, 100), (0.55, 200, 0.5, 200)])
+    assert unpaired.per_seed == pytest.approx((0.1, 0.05))

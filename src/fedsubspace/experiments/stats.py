@@ -15,8 +15,12 @@ Per setup (config) and method, over its finished runs:
   interval ``d +- 1.96 sqrt(sum_s (se_method_s^2 + se_baseline_s^2)) / k`` from accuracies and n alone:
   wider than the paired one whenever the two methods tend to get the same questions right (positively
   correlated), so it marks fewer differences, never more for that reason.
-- **win / tie / loss** of every method against every other: by the same final-accuracy interval,
-  win if it lies above 0, loss if below, tie if it holds 0.
+- **per seed and over seeds**: each shared seed's paired difference, and from them (two or more seeds)
+  the t interval over seeds, ``mean +- t(0.975, k - 1) sd / sqrt(k)``: it treats each seed's whole
+  training run as one draw, so it covers training variation as well as the questions; with 3 seeds it
+  is wide (t = 4.30), and a difference it excludes 0 for holds across training runs, not only questions.
+- **win / tie / loss** of every method against every other: by the question-level final-accuracy
+  interval, win if it lies above 0, loss if below, tie if it holds 0.
 
 Best accuracy is each run's best round on the evaluation set itself: an optimistic selection, reported
 because the Subspace-Reg paper reports it; final accuracy is the unbiased one.
@@ -31,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from scipy import stats as scipy_stats
 
 from fedsubspace.experiments.layout import CENTRALIZED, RunRecord
 from fedsubspace.markdown import markdown_table
@@ -61,6 +66,7 @@ class Interval:
     low: float
     high: float
     test: str  # "paired bootstrap" or "unpaired normal"
+    per_seed: tuple[float, ...] = ()  # each shared seed's difference, in seed order
 
     @property
     def excludes_zero(self) -> bool:
@@ -69,6 +75,20 @@ class Interval:
     @property
     def verdict(self) -> str:
         return "win" if self.low > 0 else "loss" if self.high < 0 else "tie"
+
+    def over_seeds(self) -> Interval | None:
+        """The t interval over the per-seed differences (None under two seeds)."""
+        return seed_t_interval(self.per_seed)
+
+
+def seed_t_interval(per_seed: tuple[float, ...]) -> Interval | None:
+    """``mean +- t(0.975, k - 1) sd / sqrt(k)`` over k >= 2 per-seed differences."""
+    k = len(per_seed)
+    if k < 2:
+        return None
+    mean = sum(per_seed) / k
+    half = float(scipy_stats.t.ppf(0.5 + LEVEL / 2.0, k - 1)) * float(np.std(per_seed, ddof=1)) / math.sqrt(k)
+    return Interval(mean, mean - half, mean + half, "t over seeds", per_seed)
 
 
 def paired_bootstrap(
@@ -88,16 +108,19 @@ def paired_bootstrap(
     draws /= len(pairs)
     tail = (1.0 - LEVEL) / 2.0
     low, high = np.quantile(draws, [tail, 1.0 - tail])
-    return Interval(sum(estimates) / len(estimates), float(low), float(high), "paired bootstrap")
+    return Interval(
+        sum(estimates) / len(estimates), float(low), float(high), "paired bootstrap", tuple(estimates)
+    )
 
 
 def unpaired_normal(seeds: list[tuple[float, int, float, int]]) -> Interval:
     """Mean over seeds of ``a - b`` from ``(a, n_a, b, n_b)`` per seed, with the normal interval that
     treats the two accuracies as independent (no per-example predictions to pair)."""
     k = len(seeds)
-    estimate = sum(a - b for a, _, b, _ in seeds) / k
+    per_seed = tuple(a - b for a, _, b, _ in seeds)
+    estimate = sum(per_seed) / k
     se = math.sqrt(sum(accuracy_se(a, na) ** 2 + accuracy_se(b, nb) ** 2 for a, na, b, nb in seeds)) / k
-    return Interval(estimate, estimate - Z * se, estimate + Z * se, "unpaired normal")
+    return Interval(estimate, estimate - Z * se, estimate + Z * se, "unpaired normal", per_seed)
 
 
 def compare(runs_a: dict[int, RunRecord], runs_b: dict[int, RunRecord], kind: str) -> Interval | None:
@@ -231,7 +254,15 @@ def all_statistics(records: list[RunRecord], baseline: str) -> list[SetupStatist
 
 
 SE_HEADER = ["method", "seeds", "n (questions)", "final acc. ± SE", "best acc. ± SE", "predictions kept"]
-DIFFERENCE_HEADER = ["method", "shared seeds", "Δ final acc. [95% CI]", "Δ best acc. [95% CI]", "test"]
+DIFFERENCE_HEADER = [
+    "method",
+    "shared seeds",
+    "Δ final acc. [95% CI]",
+    "Δ best acc. [95% CI]",
+    "test",
+    "Δ final acc. per seed",
+    "Δ final acc. over seeds [95% t]",
+]
 WTL_TITLE = "Win / tie / loss in final accuracy (row against column):"
 EXPLANATION = (
     "SE: binomial standard error of the accuracy over the evaluation questions (of the mean over seeds: "
@@ -241,8 +272,10 @@ EXPLANATION = (
     "kept), by the unpaired normal approximation from accuracies and n (wider: it ignores the pairing). "
     "* marks an interval that excludes 0. Win / tie / loss: the row's method against the column's, by the "
     "final-accuracy interval. Both intervals cover the sampling of evaluation questions; seed-to-seed "
-    "training variation enters only through the average over seeds. Best accuracy selects a round on the "
-    "evaluation set itself (optimistic)."
+    "training variation enters only through the average over seeds. The last two columns add it: each "
+    "seed's own Δ final, and (two or more seeds) the t interval over those per-seed differences, mean ± "
+    "t(0.975, k-1) sd / sqrt(k), which treats each training run as one draw (wide with 3 seeds: t = 4.30). "
+    "Best accuracy selects a round on the evaluation set itself (optimistic)."
 )
 
 
@@ -257,6 +290,8 @@ def _difference_rows(stats: SetupStatistics) -> list[list[str]]:
                 _interval_cell(d.final),
                 _interval_cell(d.best),
                 ", ".join(tests) or "–",
+                ", ".join(_fmt(v) for v in d.final.per_seed) if d.final is not None else "–",
+                _interval_cell(d.final.over_seeds() if d.final is not None else None),
             ]
         )
     return rows
@@ -298,13 +333,40 @@ def write_csv(path: Path, statistics: list[SetupStatistics]) -> None:
     """The differences to the baseline (``comparisons.csv``): one row per setup, method and kind."""
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["config", "method", "shared_seeds", "kind", "estimate", "low", "high", "test"])
+        writer.writerow(
+            [
+                "config",
+                "method",
+                "shared_seeds",
+                "kind",
+                "estimate",
+                "low",
+                "high",
+                "test",
+                "per_seed",
+                "seeds_t_low",
+                "seeds_t_high",
+            ]
+        )
         for stats in statistics:
             for d in stats.differences:
                 for kind, interval in (("final", d.final), ("best", d.best)):
-                    cells = (
-                        ["", "", "", ""]
-                        if interval is None
-                        else [interval.estimate, interval.low, interval.high, interval.test]
+                    if interval is None:
+                        writer.writerow([stats.setup, d.label, d.shared_seeds, kind, *[""] * 7])
+                        continue
+                    over = interval.over_seeds()
+                    writer.writerow(
+                        [
+                            stats.setup,
+                            d.label,
+                            d.shared_seeds,
+                            kind,
+                            interval.estimate,
+                            interval.low,
+                            interval.high,
+                            interval.test,
+                            " ".join(repr(v) for v in interval.per_seed),
+                            "" if over is None else over.low,
+                            "" if over is None else over.high,
+                        ]
                     )
-                    writer.writerow([stats.setup, d.label, d.shared_seeds, kind, *cells])
