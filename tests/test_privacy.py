@@ -121,7 +121,7 @@ def test_a_clients_epsilon_is_opacus_own_for_its_noise_rate_and_steps(sigma, q, 
     settings = ["dp_max_grad_norm=1.0", f"dp_noise_multiplier={sigma}", f"max_local_steps={8 * windows}"]
     config = load_config(None, [*settings, "num_clients=2", "batch_size=1", "gradient_accumulation_steps=8"])
     size = round(8 / q)  # a client of this many questions is sampled at rate q
-    accounts = PrivacyAccounts(config, ExampleLevelDP(1.0, sigma), None, [size, size])
+    accounts = PrivacyAccounts(config, ExampleLevelDP(1.0, (sigma, sigma)), None, [size, size])
     assert accounts.rates == [pytest.approx(q)] * 2
     for _ in range(4):
         accounts.record([1])
@@ -145,6 +145,31 @@ def test_a_target_epsilon_sets_the_noise_so_that_no_client_exceeds_it():
     spent = accounts.metrics()["dp_epsilon"]
     assert max(spent.values()) <= 6.0
     assert max(spent.values()) > 5.9  # calibrated, not merely safe: the worst client spends the budget
+    assert len(set(dp.noise_multipliers)) == 1  # one noise level for all by default
+
+
+def test_per_client_calibration_spends_each_clients_budget_with_its_own_noise(tmp_path):
+    """dp_noise_per_client: every client that trains spends (just under) the target with its own
+    multiplier, none more than the shared calibration's, the smallest-rate client as much."""
+    config = tiny("tiny-encoder", "fedavg", *DPSGD, "num_rounds=5", "dp_noise_per_client=true")
+    sizes = [len(p) for p in prepare(config).partitions]
+    shared = example_level_dp(tiny("tiny-encoder", "fedavg", *DPSGD, "num_rounds=5"), sizes)
+    dp = example_level_dp(config, sizes)
+    assert dp is not None and shared is not None
+    assert len(set(dp.noise_multipliers)) > 1  # the partitions differ in size: so do their noise levels
+    assert dp.largest_noise_multiplier == pytest.approx(shared.largest_noise_multiplier)
+    accounts = PrivacyAccounts(config, dp, None, sizes)
+    rounds = rounds_taken_part(config)
+    for client, taken in enumerate(rounds):
+        for _ in range(taken):
+            accounts.record([client])
+    spent = accounts.metrics()["dp_epsilon"]
+    assert set(spent) == {str(c) for c, taken in enumerate(rounds) if taken}
+    assert all(5.9 < eps <= 6.0 for eps in spent.values())
+    summary = simulation.run(config, tmp_path / "run", progress=False)
+    assert summary["dp_noise_multipliers"] == pytest.approx(list(dp.noise_multipliers))
+    assert summary["dp_noise_multiplier"] == pytest.approx(dp.largest_noise_multiplier)
+    assert summary["dp_epsilon_max"] <= 6.0
 
 
 # --- DP-SGD ------------------------------------------------------------------------------------------
@@ -185,7 +210,9 @@ def test_per_question_clipping_bounds_every_questions_gradient(preset, clip):
         p.requires_grad_(True)
     questions = [[0, 1], [2, 3]]  # two micro-batches of two questions: one window
     truth = question_gradients(tm, exp.train, [q for batch in questions for q in batch], params)
-    private = PrivateGradients(ExampleLevelDP(clip, 0.0), tm.model, params, 2, exp.train.rows_per_example, 0)
+    private = PrivateGradients(
+        ExampleLevelDP(clip, (0.0,)), 0, tm.model, params, 2, exp.train.rows_per_example, 0
+    )
     for batch_questions in questions:
         batch = collate(exp.train, batch_questions, tm.device)
         loss = torch.nn.functional.cross_entropy(
@@ -206,7 +233,8 @@ def test_dp_sgd_noise_has_the_configured_scale():
     noise of standard deviation 2 * 0.5 / 4 in every coordinate."""
     model = torch.nn.Linear(1, 20000, bias=False)
     model.weight = torch.nn.Parameter(torch.zeros(20000, 1))
-    private = PrivateGradients(ExampleLevelDP(0.5, 2.0), model, [model.weight], 4, 1, 7)
+    # client 1's multiplier (2), not client 0's
+    private = PrivateGradients(ExampleLevelDP(0.5, (9.0, 2.0)), 1, model, [model.weight], 4, 1, 7)
     loss = model(torch.zeros(4, 1)).sum() / 4
     private.backward(loss)
     private.release()
@@ -297,6 +325,7 @@ def test_client_level_dp_without_noise_aggregates_the_mean_of_clipped_changes(na
         (["secagg=true", "method=subspace_reg"], "'subspace_reg' cannot run under SecAgg+"),
         (["secagg=true", "method=glora"], "orth(B_i)"),
         (["dp_delta=0"], "dp_delta must be in (0, 1)"),
+        (["dp_max_grad_norm=1", "dp_noise_multiplier=1", "dp_noise_per_client=true"], "set dp_epsilon"),
         (["dp_max_grad_norm=-1", "dp_epsilon=6"], "dp_max_grad_norm must be positive"),
     ],
 )

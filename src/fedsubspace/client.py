@@ -143,7 +143,7 @@ def train_client(
     if dp is not None:  # Opacus' hooks on the model until the round's end
         noise = stream_seed(seed, DP_NOISE, round_index, client_id)
         private = PrivateGradients(
-            dp, tm.model, plan.parameters, schedule.batch_size, encoded.rows_per_example, noise
+            dp, client_id, tm.model, plan.parameters, schedule.batch_size, encoded.rows_per_example, noise
         )
     for optimizer in plan.optimizers:
         optimizer.zero_grad(set_to_none=True)

@@ -102,6 +102,9 @@ class ExperimentConfig:
     dp_max_grad_norm: float | None = None
     dp_noise_multiplier: float | None = None
     dp_epsilon: float | None = None
+    # with dp_epsilon: each client's noise calibrated to its own sampling rate and rounds (every client
+    # still at most dp_epsilon), instead of the largest multiplier for all (the default: one noise level)
+    dp_noise_per_client: bool = False
     # Client-level DP (DP-FedAvg) on the server: on with dp_client_clip, the clip norm of a client's upload
     # change, and either a noise multiplier or a target epsilon (the server's, over all rounds).
     dp_client_clip: float | None = None
@@ -316,6 +319,11 @@ def check_privacy(c: ExperimentConfig) -> None:
         value = getattr(c, key)
         require(value is None or value > 0, f"{key} must be positive (or null: off)")
     require(0.0 < c.dp_delta < 1.0, "dp_delta must be in (0, 1)")
+    require(
+        not c.dp_noise_per_client or c.dp_epsilon is not None,
+        "dp_noise_per_client calibrates each client's noise to dp_epsilon: set dp_epsilon (and "
+        "dp_max_grad_norm), not dp_noise_multiplier",
+    )
     for clip, noise, target, mechanism in (
         ("dp_max_grad_norm", "dp_noise_multiplier", "dp_epsilon", "DP-SGD"),
         ("dp_client_clip", "dp_client_noise_multiplier", "dp_client_epsilon", "client-level DP"),

@@ -13,8 +13,11 @@ batches from a shuffled pass over their data and the server a fixed number of cl
 practice that this accounting approximates (as Opacus does for shuffled, fixed-size batches).
 
 A target ``dp_epsilon`` sets sigma before the run: for every client, the rounds it will take part in are
-known from the seeded sampling, and sigma is the largest of Opacus' calibrated multipliers over the
-clients, so no client's final epsilon exceeds the target. ``dp_client_epsilon`` does the same for the
+known from the seeded sampling, and Opacus calibrates a multiplier to its sampling rate and steps. By
+default sigma is the largest of them, for every client, so no client's final epsilon exceeds the target;
+``dp_noise_per_client`` gives each client its own (the same guarantee, each client at most the target,
+with less noise for clients holding more data: under Dirichlet splits the smallest client otherwise sets
+everyone's noise). ``dp_client_epsilon`` does the same for the
 server's accountant over ``num_rounds`` rounds.
 """
 
@@ -65,22 +68,28 @@ def example_level_dp(config: ExperimentConfig, partition_sizes: list[int]) -> Ex
     if config.dp_max_grad_norm is None:
         return None
     rates = dpsgd_sample_rates(config, partition_sizes)
-    sigma = config.dp_noise_multiplier
-    if sigma is None:
-        assert config.dp_epsilon is not None  # validated: one of the two is set
-        windows = window_count(config.max_local_steps, config.gradient_accumulation_steps)
-        sigma = max(
-            get_noise_multiplier(
-                target_epsilon=config.dp_epsilon,
-                target_delta=config.dp_delta,
-                sample_rate=rate,
-                steps=rounds * windows,
-                accountant="rdp",
-            )
-            for rate, rounds in zip(rates, rounds_taken_part(config), strict=True)
-            if rounds > 0
+    if config.dp_noise_multiplier is not None:
+        return ExampleLevelDP(config.dp_max_grad_norm, (config.dp_noise_multiplier,) * len(rates))
+    assert config.dp_epsilon is not None  # validated: one of the two is set
+    windows = window_count(config.max_local_steps, config.gradient_accumulation_steps)
+    calibrated = {
+        client: get_noise_multiplier(
+            target_epsilon=config.dp_epsilon,
+            target_delta=config.dp_delta,
+            sample_rate=rate,
+            steps=rounds * windows,
+            accountant="rdp",
         )
-    return ExampleLevelDP(max_grad_norm=config.dp_max_grad_norm, noise_multiplier=sigma)
+        for client, (rate, rounds) in enumerate(zip(rates, rounds_taken_part(config), strict=True))
+        if rounds > 0
+    }
+    largest = max(calibrated.values())
+    if not config.dp_noise_per_client:
+        return ExampleLevelDP(config.dp_max_grad_norm, (largest,) * len(rates))
+    # a client never sampled never trains: its entry is never used, the largest keeps it on the safe side
+    return ExampleLevelDP(
+        config.dp_max_grad_norm, tuple(calibrated.get(client, largest) for client in range(len(rates)))
+    )
 
 
 def client_level_dp(config: ExperimentConfig) -> ClientLevelDP | None:
@@ -131,7 +140,7 @@ class PrivacyAccounts:
         if self.dp is not None:
             for client in trained:
                 self.clients.setdefault(client, []).append(
-                    (self.dp.noise_multiplier, self.rates[client], self.windows)
+                    (self.dp.noise_multipliers[client], self.rates[client], self.windows)
                 )
         if self.client_dp is not None:
             self.server.append((self.client_dp.noise_multiplier, self.server_rate, 1))
@@ -152,7 +161,9 @@ class PrivacyAccounts:
         spent = self.metrics()
         out: dict[str, Any] = {"dp_delta": self.delta}
         if self.dp is not None:
-            out["dp_noise_multiplier"] = self.dp.noise_multiplier
+            out["dp_noise_multiplier"] = self.dp.largest_noise_multiplier
+            if len(set(self.dp.noise_multipliers)) > 1:
+                out["dp_noise_multipliers"] = list(self.dp.noise_multipliers)
             out["dp_epsilon_max"] = spent["dp_epsilon_max"]
         if self.client_dp is not None:
             out["dp_client_noise_multiplier"] = self.client_dp.noise_multiplier

@@ -50,10 +50,15 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class ExampleLevelDP:
-    """DP-SGD's parameters for a run: the clip norm of one example's gradient and the noise multiplier."""
+    """DP-SGD's parameters for a run: the clip norm of one example's gradient and each client's noise
+    multiplier (the same for all unless calibrated per client: config ``dp_noise_per_client``)."""
 
     max_grad_norm: float
-    noise_multiplier: float
+    noise_multipliers: tuple[float, ...]  # by client id
+
+    @property
+    def largest_noise_multiplier(self) -> float:
+        return max(self.noise_multipliers)
 
 
 def window_count(max_local_steps: int, window: int) -> int:
@@ -71,6 +76,7 @@ class PrivateGradients:
     def __init__(
         self,
         settings: ExampleLevelDP,
+        client_id: int,
         model: nn.Module,
         parameters: Sequence[nn.Parameter],
         batch_size: int,
@@ -84,7 +90,7 @@ class PrivateGradients:
         # carrier only holds them (it never steps: the method's own optimisers do).
         self.dp = DPOptimizer(
             torch.optim.SGD(self.parameters, lr=0.0),
-            noise_multiplier=settings.noise_multiplier,
+            noise_multiplier=settings.noise_multipliers[client_id],
             max_grad_norm=settings.max_grad_norm,
             expected_batch_size=batch_size,
             loss_reduction="mean",
