@@ -181,21 +181,25 @@ def test_new_method_options_are_validated(key, value, message):
 
 
 @pytest.mark.parametrize(
-    ("native", "overrides", "warned"),
+    ("native", "overrides", "told"),
     [
-        (False, ["autocast=bfloat16"], True),
-        (False, ["dtype=bfloat16"], True),
-        (False, [], False),  # float32: nothing to say
-        (True, ["autocast=bfloat16"], False),  # the CPU has the kernels
+        (False, ["autocast=bfloat16"], "computes each product with float32 kernels"),
+        (False, ["dtype=bfloat16"], "weights compute about 50x slower"),
+        (False, [], None),  # float32: nothing to say
+        (True, ["autocast=bfloat16"], None),  # the CPU has the kernels
+        (True, ["dtype=bfloat16"], None),
     ],
 )
-def test_bfloat16_on_a_cpu_without_its_kernels_is_told_once(monkeypatch, caplog, native, overrides, warned):
+def test_bfloat16_on_a_cpu_without_its_kernels_is_told_once(monkeypatch, caplog, native, overrides, told):
     from fedsubspace.models import loading
 
     monkeypatch.setattr(loading, "native_bfloat16", lambda: native)
-    loading.warn_emulated_bfloat16.cache_clear()
-    for _ in range(3):  # a matrix validates each run's config: one warning a process
+    loading.warn_slow_bfloat16.cache_clear()
+    loading.note_emulated_bfloat16_autocast.cache_clear()
+    for _ in range(3):  # a matrix validates each run's config: one line a process
         load_config(CONFIG, ["device=cpu", *overrides])
-    told = [r for r in caplog.records if "no bfloat16 matrix kernels" in r.getMessage()]
-    assert len(told) == (1 if warned else 0)
-    loading.warn_emulated_bfloat16.cache_clear()
+    lines = [r.getMessage() for r in caplog.records if "no bfloat16 matrix kernels" in r.getMessage()]
+    assert len(lines) == (0 if told is None else 1)
+    assert told is None or told in lines[0]
+    loading.warn_slow_bfloat16.cache_clear()
+    loading.note_emulated_bfloat16_autocast.cache_clear()

@@ -3,16 +3,20 @@ state stays float32 whatever the model computes in."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import MIXED_RANK_METHODS, tiny, update_tensors
 
+from fedsubspace import autocast as autocast_module
 from fedsubspace.client import client_context, run_round
 from fedsubspace.configure import build_method
 from fedsubspace.errors import UserError
 from fedsubspace.evaluate import evaluate_loaded
 from fedsubspace.experiment import local_schedule, prepare
 from fedsubspace.methods import METHODS
+from fedsubspace.simulation import run
 
 
 def one_round(method: str, *overrides: str):
@@ -73,6 +77,16 @@ def test_autocast_computes_in_bfloat16_and_keeps_float32_weights() -> None:
     tm.autocast = None
     full = evaluate_loaded(exp, exp.eval)
     assert mixed.loss == pytest.approx(full.loss, abs=0.02)  # bf16 keeps 8 bits of mantissa
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_run_says_when_its_bfloat16_autocast_was_emulated(monkeypatch, tmp_path, native: bool) -> None:
+    monkeypatch.setattr(autocast_module, "native_bfloat16", lambda: native)
+    summary = run(
+        tiny("tiny-encoder", "fedavg", "autocast=bfloat16", "num_rounds=1"), tmp_path, progress=False
+    )
+    assert ("bfloat16_autocast" in summary) == (not native)
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fedsubspace.adapters import TrainableModel
+from fedsubspace.autocast import autocast
 from fedsubspace.experiment import Experiment
 from fedsubspace.methods import ClientContext, LocalSchedule, Method
 from fedsubspace.placement import (
@@ -36,7 +37,7 @@ from fedsubspace.placement import (
     update_to_server,
 )
 from fedsubspace.privacy.dpsgd import ExampleLevelDP, PrivateGradients
-from fedsubspace.scoring import Encoded, autocast, choice_scores, collate
+from fedsubspace.scoring import Encoded, choice_scores, collate
 from fedsubspace.seeding import DATA_ORDER, DP_NOISE, DROPOUT, stream_seed
 from fedsubspace.state import ClientUpdate, GlobalState
 

@@ -11,7 +11,6 @@ context; by default the context runs once per example and the options continue f
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import datasets
@@ -21,9 +20,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from fedsubspace.autocast import AUTOCAST_DTYPES, autocast
 from fedsubspace.errors import UserError
-
-AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -434,14 +432,6 @@ def _ending_logprobs_naive(model: nn.Module, batch: dict[str, Tensor]) -> Tensor
     # back to the left-aligned layout of ending_mask.
     right_aligned = _token_logprobs(out.logits[:, :-1], ids[:, width - le :])
     return right_aligned.gather(1, (torch.arange(le, device=ids.device) + shift) % le)
-
-
-def autocast(device: torch.device | str, dtype: str | None) -> AbstractContextManager:
-    """``torch.autocast`` on ``device`` in ``dtype`` (a name in AUTOCAST_DTYPES), or nothing for None
-    (torch.autocast refuses some device types, such as meta, even disabled)."""
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[dtype])
 
 
 def evaluate(

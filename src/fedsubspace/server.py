@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedsubspace.autocast import emulates_bfloat16
 from fedsubspace.diagnostics import DELTA_KEYS, round_delta_diagnostics, round_diagnostics
 from fedsubspace.errors import UserError
 from fedsubspace.experiment import Experiment
@@ -246,6 +247,8 @@ class RoundServer:
             "client_ranks": exp.client_ranks,
             **(self.privacy.summary() if self.privacy is not None else {}),
         }
+        if emulates_bfloat16(exp.trainable.device, config.autocast):  # this process's arithmetic
+            summary["bfloat16_autocast"] = "emulated: float32 kernels on bfloat16-rounded operands"
         if self.progress["best_round"] == 0:
             self.run_dir.save_checkpoint("best", exp.initial_state)
             copy_predictions(self.run_dir.path, "initial", "best")

@@ -32,6 +32,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES,
 )
 
+from fedsubspace.autocast import native_bfloat16
 from fedsubspace.errors import UserError
 from fedsubspace.models.builders import build_shape, build_tiny
 from fedsubspace.models.presets import (
@@ -84,30 +85,37 @@ def resolve_dtype(dtype: str) -> torch.dtype:
         raise UserError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPES)})") from None
 
 
-def validate_dtype(dtype: str, device: str, autocast: str | None = None) -> None:
-    """float16 trains on a GPU only: on the CPU every client's update comes out NaN or Inf. bfloat16
-    (weights or autocast) on a CPU without oneDNN's bfloat16 kernels is correct but emulated, so the
-    run is told so once, before any work."""
+def validate_dtype(dtype: str, device: str, autocast: str | None) -> None:
+    """float16 trains on a GPU only: on the CPU every client's update comes out NaN or Inf. On a CPU
+    without oneDNN's bfloat16 kernels, bfloat16 weights compute in slow scalar code and bfloat16
+    autocast is emulated with float32 kernels (fedsubspace.autocast): the run is told which, once,
+    before any work."""
     on_cpu = resolve_device(device).type == "cpu"
     if dtype == "float16" and on_cpu:
         raise UserError("dtype float16 trains on a GPU only (on the CPU every update is NaN); use float32")
-    if "bfloat16" in (dtype, autocast) and on_cpu and not native_bfloat16():
-        warn_emulated_bfloat16()
-
-
-def native_bfloat16() -> bool:
-    """Whether this CPU has the instructions oneDNN's bfloat16 matrix products need (AVX-512 BW/VL/DQ on
-    x86, BF16 on Arm). Without them PyTorch falls back to scalar code: on an AVX2-only AMD EPYC
-    (2026-12-01) a 512x384 @ 384x1536 product took 482 ms in bfloat16 against 8.3 ms in float32."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if not on_cpu or native_bfloat16():
+        return
+    if autocast == "bfloat16":
+        note_emulated_bfloat16_autocast()
+    elif dtype == "bfloat16":
+        warn_slow_bfloat16()
 
 
 @functools.cache  # once a process: a matrix validates every run's config
-def warn_emulated_bfloat16() -> None:
+def warn_slow_bfloat16() -> None:
     logger.warning(
         "fedsubspace: warning: this CPU has no bfloat16 matrix kernels (AVX-512 or Arm BF16): bfloat16 "
-        "products run about 50x slower than float32 here; --set autocast=null (or dtype=float32) computes "
-        "in float32, which changes the run's numbers slightly"
+        "weights compute about 50x slower than float32 here; --set autocast=bfloat16 keeps bfloat16 "
+        "arithmetic at float32 speed, --set dtype=float32 computes in float32"
+    )
+
+
+@functools.cache
+def note_emulated_bfloat16_autocast() -> None:
+    logger.warning(
+        "fedsubspace: this CPU has no bfloat16 matrix kernels (AVX-512 or Arm BF16): bfloat16 autocast "
+        "computes each product with float32 kernels on bfloat16-rounded operands, rounded to bfloat16 "
+        "(the native kernels' arithmetic, at float32 speed)"
     )
 
 
