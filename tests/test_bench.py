@@ -9,7 +9,7 @@ import math
 import pytest
 from helpers import FIXTURE, ROOT
 
-from fedsubspace.bench import causal_eval
+from fedsubspace.bench import bfloat16, causal_eval
 from fedsubspace.cli import main
 from fedsubspace.configure import load_config
 from fedsubspace.scoring import EvalResult
@@ -60,3 +60,18 @@ def test_causal_eval_bench_mistakes_are_one_line_errors(
     assert main(["bench", "causal-eval", "--questions", "4", *extra, *TINY]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bfloat16_bench_times_three_modes_on_one_batch(capsys: pytest.CaptureFixture) -> None:
+    tiny = ["--config", str(ROOT / "configs" / "tiny-encoder-sst2.yaml"), "--repeats", "1"]
+    assert main(["bench", "bfloat16", *tiny, "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert set(row["step_seconds"]) == set(row["loss"]) == set(bfloat16.MODES)
+    assert all(s > 0 for s in row["step_seconds"].values())
+    # the same arithmetic: the first projection nearly bit for bit, the loss within bfloat16 rounding
+    assert row["first_projection_identical"] > 0.99
+    assert math.isclose(row["loss"][bfloat16.EMULATED], row["loss"][bfloat16.NATIVE], abs_tol=1e-2)
+    assert main(["bench", "bfloat16", *tiny]) == 0
+    assert "| mode | training step (ms) |" in capsys.readouterr().out
+    assert main(["bench", "bfloat16", *tiny, "--repeats", "0"]) == 2
+    assert "repeats must be at least 1" in capsys.readouterr().err

@@ -153,6 +153,17 @@ def cmd_bench_causal_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_bfloat16(args: argparse.Namespace) -> int:
+    from fedsubspace.bench.bfloat16 import bench_bfloat16, format_report
+    from fedsubspace.configure import load_config
+
+    # One batch is timed: a small slice of the data keeps preparing the run short.
+    base = ["max_train_samples=400", "max_eval_samples=4", "num_clients=2", "partition=iid", "autocast=null"]
+    row = bench_bfloat16(load_config(args.config, [*base, *args.set]), repeats=args.repeats)
+    print(json.dumps(row, indent=2) if args.json else format_report(row))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from fedsubspace.export import export_line, export_run
 
@@ -366,6 +377,14 @@ def _bench_commands(commands: Commands, shared: SharedOptions) -> None:
     causal.add_argument("--questions", type=int, default=100, help="evaluation questions")
     causal.add_argument("--repeats", type=int, default=3)
     causal.set_defaults(func=cmd_bench_causal_eval)
+    bf16 = bench.add_parser(
+        "bfloat16",
+        parents=[shared.overrides, shared.as_json],
+        help="a training step in float32, native bfloat16 autocast and emulated bfloat16 autocast",
+    )
+    bf16.add_argument("--config", type=Path, default=Path("configs/cpu/minilm-l6-sst2.yaml"))
+    bf16.add_argument("--repeats", type=int, default=3)
+    bf16.set_defaults(func=cmd_bench_bfloat16)
     rnd = bench.add_parser(
         "round",
         parents=[shared.method, shared.overrides, shared.as_json],

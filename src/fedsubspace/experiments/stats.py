@@ -77,18 +77,14 @@ class Interval:
         return "win" if self.low > 0 else "loss" if self.high < 0 else "tie"
 
     def over_seeds(self) -> Interval | None:
-        """The t interval over the per-seed differences (None under two seeds)."""
-        return seed_t_interval(self.per_seed)
-
-
-def seed_t_interval(per_seed: tuple[float, ...]) -> Interval | None:
-    """``mean +- t(0.975, k - 1) sd / sqrt(k)`` over k >= 2 per-seed differences."""
-    k = len(per_seed)
-    if k < 2:
-        return None
-    mean = sum(per_seed) / k
-    half = float(scipy_stats.t.ppf(0.5 + LEVEL / 2.0, k - 1)) * float(np.std(per_seed, ddof=1)) / math.sqrt(k)
-    return Interval(mean, mean - half, mean + half, "t over seeds", per_seed)
+        """``mean +- t(0.975, k - 1) sd / sqrt(k)`` over the k per-seed differences (None under two)."""
+        k = len(self.per_seed)
+        if k < 2:
+            return None
+        mean = sum(self.per_seed) / k
+        t = float(scipy_stats.t.ppf(0.5 + LEVEL / 2.0, k - 1))
+        half = t * float(np.std(self.per_seed, ddof=1)) / math.sqrt(k)
+        return Interval(mean, mean - half, mean + half, "t over seeds", self.per_seed)
 
 
 def paired_bootstrap(
