@@ -191,9 +191,10 @@ def test_new_method_options_are_validated(key, value, message):
     ],
 )
 def test_bfloat16_on_a_cpu_without_its_kernels_is_told_once(monkeypatch, caplog, native, overrides, told):
+    from fedsubspace import autocast
     from fedsubspace.models import loading
 
-    monkeypatch.setattr(loading, "native_bfloat16", lambda: native)
+    monkeypatch.setattr(autocast, "native_bfloat16", lambda: native)
     loading.warn_slow_bfloat16.cache_clear()
     loading.note_emulated_bfloat16_autocast.cache_clear()
     for _ in range(3):  # a matrix validates each run's config: one line a process

@@ -32,7 +32,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES,
 )
 
-from fedsubspace.autocast import native_bfloat16
+from fedsubspace.autocast import emulates_bfloat16
 from fedsubspace.errors import UserError
 from fedsubspace.models.builders import build_shape, build_tiny
 from fedsubspace.models.presets import (
@@ -90,14 +90,12 @@ def validate_dtype(dtype: str, device: str, autocast: str | None) -> None:
     without oneDNN's bfloat16 kernels, bfloat16 weights compute in slow scalar code and bfloat16
     autocast is emulated with float32 kernels (fedsubspace.autocast): the run is told which, once,
     before any work."""
-    on_cpu = resolve_device(device).type == "cpu"
-    if dtype == "float16" and on_cpu:
+    resolved = resolve_device(device)
+    if dtype == "float16" and resolved.type == "cpu":
         raise UserError("dtype float16 trains on a GPU only (on the CPU every update is NaN); use float32")
-    if not on_cpu or native_bfloat16():
-        return
-    if autocast == "bfloat16":
+    if emulates_bfloat16(resolved, autocast):  # the one place that decides it, as the runs do
         note_emulated_bfloat16_autocast()
-    elif dtype == "bfloat16":
+    elif dtype == "bfloat16" and emulates_bfloat16(resolved, dtype):  # weights: no emulation, slow
         warn_slow_bfloat16()
 
 
