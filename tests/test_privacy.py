@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -34,7 +35,12 @@ from fedsubspace.experiment import prepare
 from fedsubspace.flower import client_app, secagg, secagg_server
 from fedsubspace.flower.payload import from_record
 from fedsubspace.methods import METHODS, get_method
-from fedsubspace.privacy.accounting import PrivacyAccounts, example_level_dp, rounds_taken_part
+from fedsubspace.privacy.accounting import (
+    PrivacyAccounts,
+    calibrated_noise_multiplier,
+    example_level_dp,
+    rounds_taken_part,
+)
 from fedsubspace.privacy.client_dp import ClientLevelDP, clipped_change, noisy_mean_update
 from fedsubspace.privacy.dpsgd import ExampleLevelDP, PrivateGradients
 from fedsubspace.privacy.table import compatibility_table
@@ -146,6 +152,20 @@ def test_a_target_epsilon_sets_the_noise_so_that_no_client_exceeds_it():
     assert max(spent.values()) <= 6.0
     assert max(spent.values()) > 5.9  # calibrated, not merely safe: the worst client spends the budget
     assert len(set(dp.noise_multipliers)) == 1  # one noise level for all by default
+
+
+def test_calibration_warns_about_a_loose_result_only():
+    """Opacus warns when an epsilon's best RDP order is the largest it tries (the bound is loose). Its
+    search for sigma passes such a trial value on nearly every call; only a loose result may warn."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sigma = calibrated_noise_multiplier(
+            "dp_epsilon", 6.0, 1e-5, 32 / 188, 80
+        )  # SST-2 DP's smallest client
+    assert sigma == pytest.approx(1.5344, abs=1e-4)
+    assert not [w for w in caught if "Optimal order" in str(w.message)]
+    with pytest.warns(UserWarning, match="Optimal order is the largest alpha"):
+        calibrated_noise_multiplier("dp_epsilon", 0.2, 1e-5, 0.5, 3)  # near the accountant's floor
 
 
 def test_per_client_calibration_spends_each_clients_budget_with_its_own_noise(tmp_path):
@@ -335,6 +355,26 @@ def test_a_privacy_option_a_method_cannot_honour_is_refused_in_one_line(tmp_path
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["dp_max_grad_norm=1", "dp_epsilon=0.1"],
+        ["dp_client_clip=1", "dp_client_epsilon=0.05", "method=fedavg"],
+    ],
+)
+def test_a_target_epsilon_below_the_accountants_floor_is_refused_in_one_line_before_training(
+    tmp_path, capsys, overrides
+):
+    """Opacus' accountant certifies no epsilon below 0.103 at delta 1e-5 (its RDP orders end at 63):
+    a target under it is refused when the noise is calibrated, before round 0."""
+    argv = ["run", "--config", str(ROOT / "configs" / "tiny-encoder.yaml"), "--out", str(tmp_path / "r")]
+    assert main([*argv, *(a for o in [*FAST, *overrides] for a in ("--set", o))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{overrides[1]} is out of reach at dp_delta=1e-05" in err and "no epsilon below 0.103" in err
+    assert "\n" not in err
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
 
 
 def test_secagg_in_process_is_refused_before_any_work(tmp_path):
