@@ -168,6 +168,19 @@ def test_calibration_warns_about_a_loose_result_only():
         calibrated_noise_multiplier("dp_epsilon", 0.2, 1e-5, 0.5, 3)  # near the accountant's floor
 
 
+def test_a_target_at_the_accountants_floor_is_refused_and_a_hair_above_it_too():
+    """The floor: epsilon as sigma -> inf (every RDP value 0). Below it no search is run; a hair above it
+    Opacus' search gives up at sigma 1e6 with a ValueError, refused the same way."""
+    alphas = RDPAccountant.DEFAULT_ALPHAS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the floor's best order is the largest, as it must be
+        floor, _ = get_privacy_spent(orders=alphas, rdp=[0.0] * len(alphas), delta=1e-5)
+    assert floor == pytest.approx(0.1029, abs=1e-4)
+    for target in (floor / 2, floor, floor * (1 + 1e-11)):
+        with pytest.raises(UserError, match=r"^dp_epsilon=\S+ is out of reach at dp_delta=1e-05"):
+            calibrated_noise_multiplier("dp_epsilon", target, 1e-5, 0.0625, 64)
+
+
 def test_per_client_calibration_spends_each_clients_budget_with_its_own_noise(tmp_path):
     """dp_noise_per_client: every client that trains spends (just under) the target with its own
     multiplier, none more than the shared calibration's, the smallest-rate client as much."""

@@ -72,23 +72,27 @@ def calibrated_noise_multiplier(
     Its search opens at sigma = 20, where the best RDP order is nearly always the largest of Opacus'
     orders, and Opacus warns about that trial value on every call; the warning is kept for the result
     alone. A target below what the accountant can certify at any noise (its orders end at 63, which puts a
-    floor under epsilon: 0.103 at delta 1e-5) is a ValueError from Opacus, a one-line refusal here.
+    floor under epsilon: 0.103 at delta 1e-5) is refused in one line, at once: Opacus' search would
+    double sigma up to 1e6 first (a minute at sampling rate 0.5) and end in a ValueError.
     """
+    alphas = RDPAccountant.DEFAULT_ALPHAS
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        floor, _ = get_privacy_spent(orders=alphas, rdp=[0.0] * len(alphas), delta=delta)  # sigma -> inf
+        out_of_reach = UserError(
+            f"{option}={epsilon:g} is out of reach at dp_delta={delta:g}: Opacus' RDP accountant "
+            f"certifies no epsilon below {floor:.3f} there, whatever the noise; raise one of them"
+        )
+        if epsilon <= floor:
+            raise out_of_reach
         try:
             sigma = float(
                 get_noise_multiplier(
                     target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps
                 )
             )
-        except ValueError:  # "The privacy budget is too low.": no sigma reaches the target
-            alphas = RDPAccountant.DEFAULT_ALPHAS
-            floor, _ = get_privacy_spent(orders=alphas, rdp=[0.0] * len(alphas), delta=delta)
-            raise UserError(
-                f"{option}={epsilon:g} is out of reach at dp_delta={delta:g}: Opacus' RDP accountant "
-                f"certifies no epsilon below {floor:.3f} there, whatever the noise; raise one of them"
-            ) from None
+        except ValueError:  # a hair above the floor: no sigma up to Opacus' 1e6 reaches it
+            raise out_of_reach from None
     _spent([(sigma, sample_rate, steps)], delta)  # Opacus warns here if the result's bound is loose
     return sigma
 
