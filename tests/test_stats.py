@@ -168,3 +168,31 @@ def test_the_interval_over_seeds_by_hand():
     assert stats.paired_bootstrap(pairs[:1], resamples=50).over_seeds() is None  # one seed: no spread
     unpaired = stats.unpaired_normal([(0.6, 100, 0.5, 100), (0.55, 200, 0.5, 200)])
     assert unpaired.per_seed == pytest.approx((0.1, 0.05))
+    assert unpaired.per_seed_se == ()  # its standard error ignores the pairing: no floor from it
+    tied = stats.unpaired_normal([(0.6, 100, 0.5, 100), (0.6, 100, 0.5, 100)])
+    assert tied.over_seeds() is None  # no spread over seeds and no floor: no interval
+
+
+def test_seeds_that_tie_exactly_do_not_give_a_zero_width_interval():
+    """Two seeds whose differences are both one question: the sample sd is 0, and the interval is
+    floored at the questions' sampling spread instead of collapsing onto the estimate."""
+    rng = np.random.default_rng(5)
+    pairs = []
+    for _ in range(2):
+        baseline = (rng.random(872) < 0.7).astype(np.int8)
+        method = baseline.copy()
+        flips = rng.choice(872, size=21, replace=False)  # 11 questions gained, 10 lost: net +1
+        method[flips[:11]], baseline[flips[:11]] = 1, 0
+        method[flips[11:]], baseline[flips[11:]] = 0, 1
+        pairs.append((method, baseline))
+    interval = stats.paired_bootstrap(pairs, resamples=200)
+    assert interval.per_seed == pytest.approx((1 / 872, 1 / 872))
+    over = interval.over_seeds()
+    assert over is not None
+    differences = [a.astype(float) - b for a, b in pairs]
+    floor = math.sqrt(np.mean([d.var() / len(d) for d in differences]))
+    half = 12.706204736174707 * floor / math.sqrt(2)  # t(0.975, 1)
+    assert (over.low, over.high) == pytest.approx((1 / 872 - half, 1 / 872 + half))
+    assert not over.excludes_zero
+    same = (pairs[0][1], pairs[0][1])  # identical predictions: no spread at all, no interval
+    assert stats.paired_bootstrap([same, same], resamples=50).over_seeds() is None

@@ -19,6 +19,13 @@ Per setup (config) and method, over its finished runs:
   the t interval over seeds, ``mean +- t(0.975, k - 1) sd / sqrt(k)``: it treats each seed's whole
   training run as one draw, so it covers training variation as well as the questions; with 3 seeds it
   is wide (t = 4.30), and a difference it excludes 0 for holds across training runs, not only questions.
+  ``sd`` is the sample standard deviation of the per-seed differences, floored, where the runs are
+  paired, at the questions' sampling standard deviation of one seed's difference (the root mean square
+  of the per-seed paired standard errors): a per-seed difference varies at least that much from the
+  questions alone, and differences are multiples of 1/n, so a few seeds can tie exactly (sample sd 0)
+  and would otherwise give a zero-width interval that "excludes 0" on a difference of one question.
+  Unpaired runs have no such floor (their standard error ignores the pairing, an upper bound, not a
+  lower one); where no spread is left to estimate from, there is no interval.
 - **win / tie / loss** of every method against every other: by the question-level final-accuracy
   interval, win if it lies above 0, loss if below, tie if it holds 0.
 
@@ -67,6 +74,7 @@ class Interval:
     high: float
     test: str  # "paired bootstrap" or "unpaired normal"
     per_seed: tuple[float, ...] = ()  # each shared seed's difference, in seed order
+    per_seed_se: tuple[float, ...] = ()  # paired: its standard error over the questions, in seed order
 
     @property
     def excludes_zero(self) -> bool:
@@ -77,14 +85,17 @@ class Interval:
         return "win" if self.low > 0 else "loss" if self.high < 0 else "tie"
 
     def over_seeds(self) -> Interval | None:
-        """``mean +- t(0.975, k - 1) sd / sqrt(k)`` over the k per-seed differences (None under two)."""
+        """``mean +- t(0.975, k - 1) sd / sqrt(k)`` over the k per-seed differences, ``sd`` floored at
+        the root mean square of the per-seed paired standard errors (module docstring); None under two
+        seeds or without any spread to estimate."""
         k = len(self.per_seed)
-        if k < 2:
+        floor = math.sqrt(sum(se * se for se in self.per_seed_se) / k) if self.per_seed_se else 0.0
+        sd = max(float(np.std(self.per_seed, ddof=1)), floor) if k >= 2 else 0.0
+        if sd == 0.0:
             return None
         mean = sum(self.per_seed) / k
-        t = float(scipy_stats.t.ppf(0.5 + LEVEL / 2.0, k - 1))
-        half = t * float(np.std(self.per_seed, ddof=1)) / math.sqrt(k)
-        return Interval(mean, mean - half, mean + half, "t over seeds", self.per_seed)
+        half = float(scipy_stats.t.ppf(0.5 + LEVEL / 2.0, k - 1)) * sd / math.sqrt(k)
+        return Interval(mean, mean - half, mean + half, "t over seeds", self.per_seed, self.per_seed_se)
 
 
 def paired_bootstrap(
@@ -96,16 +107,22 @@ def paired_bootstrap(
     of one length); each resample redraws every seed's examples with replacement.
     """
     rng = np.random.default_rng(seed)
-    estimates, draws = [], np.zeros(resamples)
+    estimates, ses, draws = [], [], np.zeros(resamples)
     for a, b in pairs:
         difference = a.astype(np.float64) - b.astype(np.float64)
         estimates.append(float(difference.mean()))
+        ses.append(float(difference.std()) / math.sqrt(len(difference)))  # the bootstrap's own spread
         draws += difference[rng.integers(0, len(difference), size=(resamples, len(difference)))].mean(axis=1)
     draws /= len(pairs)
     tail = (1.0 - LEVEL) / 2.0
     low, high = np.quantile(draws, [tail, 1.0 - tail])
     return Interval(
-        sum(estimates) / len(estimates), float(low), float(high), "paired bootstrap", tuple(estimates)
+        sum(estimates) / len(estimates),
+        float(low),
+        float(high),
+        "paired bootstrap",
+        tuple(estimates),
+        tuple(ses),
     )
 
 
@@ -270,7 +287,10 @@ EXPLANATION = (
     "final-accuracy interval. Both intervals cover the sampling of evaluation questions; seed-to-seed "
     "training variation enters only through the average over seeds. The last two columns add it: each "
     "seed's own Δ final, and (two or more seeds) the t interval over those per-seed differences, mean ± "
-    "t(0.975, k-1) sd / sqrt(k), which treats each training run as one draw (wide with 3 seeds: t = 4.30). "
+    "t(0.975, k-1) sd / sqrt(k), which treats each training run as one draw (wide with 3 seeds: t = 4.30); "
+    "sd is the per-seed differences' sample standard deviation, floored (paired runs) at the questions' "
+    "sampling standard deviation of one seed's difference, so that seeds tying exactly do not give a "
+    "zero-width interval; – where no spread is left to estimate. "
     "Best accuracy selects a round on the evaluation set itself (optimistic)."
 )
 
