@@ -196,3 +196,104 @@ def test_seeds_that_tie_exactly_do_not_give_a_zero_width_interval():
     assert not over.excludes_zero
     same = (pairs[0][1], pairs[0][1])  # identical predictions: no spread at all, no interval
     assert stats.paired_bootstrap([same, same], resamples=50).over_seeds() is None
+
+
+GEOMETRY_SUMMARY = {
+    "initial_eval_accuracy": 0.25,
+    "initial_eval_loss": 1.4,
+    "best_eval_accuracy": 0.5,
+    "final_eval_accuracy": 0.5,
+    "final_eval_loss": 1.2,
+    "eval_examples": 100,
+}
+
+
+def geometry_rows(rng: np.random.Generator, rounds: int, level: float) -> list[dict]:
+    """Metrics lines whose round-delta diagnostics are drawn around ``level`` (round 1 far off: it must
+    not count), one of them undefined and one NaN (left out of the mean)."""
+    rows = [metric_row(1, 0.5, **{key: 5.0 for key, _ in stats.GEOMETRY})]
+    for r in range(2, rounds + 1):
+        rows.append(metric_row(r, 0.5, **{key: level + 0.05 * rng.random() for key, _ in stats.GEOMETRY}))
+    rows[2]["delta_cosine"] = None
+    rows[3]["delta_overlap"] = float("nan")
+    return rows
+
+
+def by_hand(rows: list[dict], key: str) -> float:
+    values = [row[key] for row in rows[1:] if row[key] is not None and math.isfinite(row[key])]
+    return sum(values) / len(values)
+
+
+def test_round_delta_geometry_means_and_differences_by_hand(tmp_path: Path):
+    rng = np.random.default_rng(17)
+    runs: dict[str, dict[int, list[dict]]] = {}
+    for method, level in (("fedavg", 0.6), ("subspace_reg", 0.9)):
+        for seed in (1, 2, 3):
+            rows = geometry_rows(rng, 5, level)
+            runs.setdefault(method, {})[seed] = rows
+            write_run(
+                tmp_path / "toy" / method / f"seed{seed}",
+                method,
+                seed,
+                rows,
+                num_rounds=5,
+                summary=GEOMETRY_SUMMARY,
+            )
+    # a personalised method logs none of them; the centralized reference's lone client is trivial
+    write_run(
+        tmp_path / "toy" / "fedsa" / "seed1",
+        "fedsa",
+        1,
+        [metric_row(r, 0.9) for r in range(1, 6)],
+        num_rounds=5,
+        summary={**GEOMETRY_SUMMARY, "evaluation": "personalised"},
+    )
+    write_run(
+        tmp_path / "toy" / "centralized" / "seed1",
+        "fedavg",
+        1,
+        geometry_rows(rng, 5, 1.0),
+        num_rounds=5,
+        summary=GEOMETRY_SUMMARY,
+        config={"tags": ["centralized"], "num_clients": 1},
+    )
+
+    (toy,) = stats.all_statistics(collect(tmp_path), "fedavg")
+    assert [row[0] for row in toy.geometry_rows] == ["fedavg", "subspace_reg"]
+    for row, method in zip(toy.geometry_rows, ("fedavg", "subspace_reg"), strict=True):
+        for cell, (key, _) in zip(row[2:], stats.GEOMETRY, strict=True):
+            means = [by_hand(runs[method][seed], key) for seed in (1, 2, 3)]
+            assert cell == f"{np.mean(means):.4f} ± {np.std(means, ddof=1):.4f}"
+    (difference,) = toy.geometry_differences
+    assert difference.label == "subspace_reg" and difference.shared_seeds == 3
+    for key, _ in stats.GEOMETRY:
+        per_seed = [
+            by_hand(runs["subspace_reg"][s], key) - by_hand(runs["fedavg"][s], key) for s in (1, 2, 3)
+        ]
+        interval = difference.intervals[key]
+        assert interval is not None and interval.per_seed == pytest.approx(per_seed)
+        half = 4.302652729911275 * float(np.std(per_seed, ddof=1)) / math.sqrt(3)  # t(0.975, 2)
+        mean = float(np.mean(per_seed))
+        assert (interval.low, interval.high) == pytest.approx((mean - half, mean + half))
+        assert interval.excludes_zero  # 0.3 apart, spread 0.05: far outside
+
+    assert main(["report", str(tmp_path)]) == 0
+    summary_md = (tmp_path / "report" / "summary.md").read_text()
+    assert "Round-delta geometry, difference to fedavg" in summary_md
+    assert "| subspace_reg | 3 | +0.3" in summary_md
+    assert "Round-delta geometry" in (tmp_path / "report" / "index.html").read_text()
+    csv_lines = (tmp_path / "report" / "comparisons.csv").read_text().splitlines()
+    assert sum(line.startswith("toy,subspace_reg,3,delta_") for line in csv_lines) == 3
+    (pairwise,) = [line.split(",") for line in csv_lines if ",pairwise_delta_overlap," in line]
+    expected = difference.intervals["pairwise_delta_overlap"]
+    assert expected is not None and float(pairwise[4]) == expected.estimate and pairwise[7] == "t over seeds"
+
+
+def test_the_t_interval_needs_two_seeds_and_some_spread():
+    assert stats.t_over_seeds((0.1,)) is None
+    assert stats.t_over_seeds((0.1, 0.1)) is None  # no spread, no floor
+    floored = stats.t_over_seeds((0.1, 0.1), floor=0.01)
+    assert floored is not None
+    assert (floored.low, floored.high) == pytest.approx(
+        (0.1 - 12.706204736174707 * 0.01 / math.sqrt(2), 0.1 + 12.706204736174707 * 0.01 / math.sqrt(2))
+    )

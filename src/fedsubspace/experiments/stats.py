@@ -28,6 +28,10 @@ Per setup (config) and method, over its finished runs:
   lower one); where no spread is left to estimate from, there is no interval.
 - **win / tie / loss** of every method against every other: by the question-level final-accuracy
   interval, win if it lies above 0, loss if below, tie if it holds 0.
+- **round-delta geometry** (the diagnostics of :mod:`fedsubspace.diagnostics` on what clients change in
+  a round): per run the mean of each over its rounds from round 2 on, then the mean and sample standard
+  deviation over seeds, and each method's per-seed difference to the baseline with the t interval over
+  the shared seeds (no floor: a run's mean over rounds has no question sampling to bound its spread).
 
 Best accuracy is each run's best round on the evaluation set itself: an optimistic selection, reported
 because the Subspace-Reg paper reports it; final accuracy is the unbiased one.
@@ -85,17 +89,27 @@ class Interval:
         return "win" if self.low > 0 else "loss" if self.high < 0 else "tie"
 
     def over_seeds(self) -> Interval | None:
-        """``mean +- t(0.975, k - 1) sd / sqrt(k)`` over the k per-seed differences, ``sd`` floored at
-        the root mean square of the per-seed paired standard errors (module docstring); None under two
-        seeds or without any spread to estimate."""
+        """The t interval over the per-seed differences, ``sd`` floored at the root mean square of the
+        per-seed paired standard errors (module docstring)."""
         k = len(self.per_seed)
         floor = math.sqrt(sum(se * se for se in self.per_seed_se) / k) if self.per_seed_se else 0.0
-        sd = max(float(np.std(self.per_seed, ddof=1)), floor) if k >= 2 else 0.0
-        if sd == 0.0:
-            return None
-        mean = sum(self.per_seed) / k
-        half = float(scipy_stats.t.ppf(0.5 + LEVEL / 2.0, k - 1)) * sd / math.sqrt(k)
-        return Interval(mean, mean - half, mean + half, "t over seeds", self.per_seed, self.per_seed_se)
+        return t_over_seeds(self.per_seed, floor, self.per_seed_se)
+
+
+def t_over_seeds(
+    per_seed: tuple[float, ...], floor: float = 0.0, per_seed_se: tuple[float, ...] = ()
+) -> Interval | None:
+    """``mean +- t(0.975, k - 1) sd / sqrt(k)`` over k per-seed values, ``sd`` their sample standard
+    deviation floored at ``floor``; None under two seeds or without any spread to estimate."""
+    k = len(per_seed)
+    if k < 2:
+        return None
+    sd = max(float(np.std(per_seed, ddof=1)), floor)
+    if sd == 0.0:
+        return None
+    mean = sum(per_seed) / k
+    half = float(scipy_stats.t.ppf(0.5 + LEVEL / 2.0, k - 1)) * sd / math.sqrt(k)
+    return Interval(mean, mean - half, mean + half, "t over seeds", per_seed, per_seed_se)
 
 
 def paired_bootstrap(
@@ -185,6 +199,72 @@ def _by_label(records: list[RunRecord], setup: str) -> dict[str, dict[int, RunRe
     return dict(sorted(groups.items(), key=lambda item: (item[0] == CENTRALIZED, item[0])))
 
 
+# The round-delta diagnostics, as the report names them.
+GEOMETRY = (
+    ("delta_overlap", "delta overlap"),
+    ("pairwise_delta_overlap", "pairwise delta overlap"),
+    ("delta_cancellation_ratio", "delta cancellation ratio"),
+    ("delta_cosine", "delta cosine"),
+)
+# Round 1 starts every method from the untrained adapter, before any server rule has acted (and
+# subspace_reg's anchor is then the zero-initialised B): it shows the partition, not the method.
+FIRST_GEOMETRY_ROUND = 2
+
+
+def mean_over_rounds(run: RunRecord, key: str) -> float | None:
+    """The mean of ``key`` over the run's rounds from :data:`FIRST_GEOMETRY_ROUND` on, rounds where it
+    is undefined left out; None where it never is defined (a method without one global adapter)."""
+    values = [
+        float(row[key])
+        for row in run.rows
+        if row.get("round", 0) >= FIRST_GEOMETRY_ROUND
+        and row.get(key) is not None
+        and math.isfinite(row[key])
+    ]
+    return math.fsum(values) / len(values) if values else None
+
+
+def _mean_sd_cell(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = math.fsum(values) / len(values)
+    return f"{mean:.4f}" if len(values) < 2 else f"{mean:.4f} ± {float(np.std(values, ddof=1)):.4f}"
+
+
+@dataclass(frozen=True)
+class GeometryDifference:
+    label: str
+    shared_seeds: int
+    intervals: dict[str, Interval | None]  # per GEOMETRY key: the t interval over the shared seeds
+
+
+def _geometry(
+    groups: dict[str, dict[int, RunRecord]], baseline: str
+) -> tuple[list[list[str]], list[GeometryDifference]]:
+    """The round-delta table (mean ± sd over seeds per method) and the differences to ``baseline``."""
+    means: dict[str, dict[str, dict[int, float]]] = {}  # label -> key -> seed -> the run's mean
+    for label, runs in groups.items():
+        if label == CENTRALIZED:  # a lone client has no one to disagree with
+            continue
+        run_means = {key: {s: mean_over_rounds(r, key) for s, r in runs.items()} for key, _ in GEOMETRY}
+        means[label] = {key: {s: v for s, v in m.items() if v is not None} for key, m in run_means.items()}
+    rows, differences = [], []
+    for label, per_key in means.items():
+        if not any(per_key.values()):
+            continue
+        cells = [_mean_sd_cell(list(per_key[key].values())) for key, _ in GEOMETRY]
+        rows.append([label, str(len(groups[label])), *cells])
+        if label == baseline or baseline not in means:
+            continue
+        intervals = {}
+        for key, _ in GEOMETRY:
+            mine, theirs = per_key[key], means[baseline][key]
+            intervals[key] = t_over_seeds(tuple(mine[s] - theirs[s] for s in sorted(set(mine) & set(theirs))))
+        shared = len(set(groups[label]) & set(groups[baseline]))
+        differences.append(GeometryDifference(label, shared, intervals))
+    return rows, differences
+
+
 def _fmt(value: float) -> str:
     return f"{value:+.4f}"
 
@@ -212,6 +292,8 @@ class SetupStatistics:
     differences: list[Difference]  # to the baseline; empty without baseline runs
     verdicts: dict[str, dict[str, str]]  # method -> other -> win / tie / loss / –
     baseline_present: bool
+    geometry_rows: list[list[str]]  # round-delta diagnostics, mean ± sd over seeds per method
+    geometry_differences: list[GeometryDifference]  # to the baseline
 
 
 def _se_row(label: str, runs: dict[int, RunRecord]) -> list[str]:
@@ -258,6 +340,7 @@ def setup_statistics(records: list[RunRecord], setup: str, baseline: str) -> Set
         differences,
         verdicts,
         baseline in groups,
+        *_geometry(groups, baseline),
     )
 
 
@@ -277,6 +360,13 @@ DIFFERENCE_HEADER = [
     "Δ final acc. over seeds [95% t]",
 ]
 WTL_TITLE = "Win / tie / loss in final accuracy (row against column):"
+GEOMETRY_TITLE = (
+    "Round-delta geometry (what the clients change in a round; docs/methods.md): per run the mean over "
+    f"rounds {FIRST_GEOMETRY_ROUND} on (round 1 starts from the untrained adapter, before any server rule "
+    "has acted), mean ± sample standard deviation over seeds:"
+)
+GEOMETRY_HEADER = ["method", "seeds", *(title for _, title in GEOMETRY)]
+GEOMETRY_DIFFERENCE_HEADER = ["method", "shared seeds", *(f"Δ {title} [95% t]" for _, title in GEOMETRY)]
 EXPLANATION = (
     "SE: binomial standard error of the accuracy over the evaluation questions (of the mean over seeds: "
     "sqrt(sum a(1-a)/n) / k). Δ: the method minus the baseline, per seed on the same questions, averaged "
@@ -331,6 +421,19 @@ def setup_tables(stats: SetupStatistics, baseline: str) -> list[tuple[str, list[
     else:
         tables.append((f"No {baseline} runs here: no differences to it.", [], []))
     tables.append((WTL_TITLE, *_wtl(stats.verdicts)))
+    if stats.geometry_rows:
+        tables.append((GEOMETRY_TITLE, GEOMETRY_HEADER, stats.geometry_rows))
+    if stats.geometry_differences:
+        rows = [
+            [d.label, str(d.shared_seeds), *(_interval_cell(d.intervals[key]) for key, _ in GEOMETRY)]
+            for d in stats.geometry_differences
+        ]
+        caption = (
+            f"Round-delta geometry, difference to {baseline}: per shared seed the method's mean over "
+            "rounds minus the baseline's, and the t interval over those seeds (* excludes 0; – under two "
+            "seeds):"
+        )
+        tables.append((caption, GEOMETRY_DIFFERENCE_HEADER, rows))
     return tables
 
 
@@ -346,7 +449,8 @@ def markdown_section(statistics: list[SetupStatistics], baseline: str) -> list[s
 
 
 def write_csv(path: Path, statistics: list[SetupStatistics]) -> None:
-    """The differences to the baseline (``comparisons.csv``): one row per setup, method and kind."""
+    """The differences to the baseline (``comparisons.csv``): one row per setup, method and kind (final
+    or best accuracy, or a round-delta diagnostic)."""
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
@@ -386,3 +490,13 @@ def write_csv(path: Path, statistics: list[SetupStatistics]) -> None:
                             "" if over is None else over.high,
                         ]
                     )
+            for g in stats.geometry_differences:  # round-delta geometry: the t interval over seeds only
+                for key, _ in GEOMETRY:
+                    interval = g.intervals[key]
+                    if interval is None:
+                        writer.writerow([stats.setup, g.label, g.shared_seeds, key, *[""] * 7])
+                        continue
+                    bounds = [interval.low, interval.high]
+                    per_seed = " ".join(repr(v) for v in interval.per_seed)
+                    head = [stats.setup, g.label, g.shared_seeds, key, interval.estimate]
+                    writer.writerow([*head, *bounds, interval.test, per_seed, *bounds])
